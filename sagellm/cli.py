@@ -1,0 +1,133 @@
+"""The `sagellm` command line: `generate` streams a chat reply, `info` describes the engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from sagellm.config import ConfigError, SageLLMConfig
+
+
+def _config_from_args(args: argparse.Namespace) -> SageLLMConfig:
+    config = SageLLMConfig.from_yaml(args.config) if args.config else SageLLMConfig()
+    model: dict = {}
+    if args.model is not None:
+        model["model_id"] = args.model
+    if args.dtype is not None:
+        model["dtype"] = args.dtype
+    backend: dict = {}
+    if args.device is not None:
+        backend["device"] = args.device
+    if args.threads is not None:
+        backend["num_threads"] = args.threads
+    return config.replace(model=model, backend=backend)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with a SageLLMConfig")
+    p.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (default: SmolLM2-135M)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from sagellm.engine import GenerateRequest, SageLLMEngine
+
+    config = _config_from_args(args)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if args.raw:
+        request = GenerateRequest(prompt=args.prompt, **sampling)
+    else:
+        request = GenerateRequest(messages=({"role": "user", "content": args.prompt},), **sampling)
+    t0 = time.monotonic()
+    with SageLLMEngine(config) as engine:
+        load_s = time.monotonic() - t0
+        stream = engine.generate_stream(request)
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        out = stream.output
+    if out is not None and out.finish_reason == "error":
+        print(f"error: {out.error}", file=sys.stderr)
+        return 1
+    if out is not None and out.metrics is not None and not args.quiet:
+        m = out.metrics
+        tpot = f"{m.tpot * 1000:.1f} ms" if m.tpot is not None else "n/a"
+        print(
+            f"[{m.num_prompt_tokens} prompt tokens, {m.num_output_tokens} new tokens, "
+            f"finish={out.finish_reason}, TTFT {m.ttft * 1000:.0f} ms, TPOT {tpot}, "
+            f"model load {load_s:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from sagellm.engine import SageLLMEngine
+
+    with SageLLMEngine(_config_from_args(args)) as engine:
+        s = engine.get_stats()
+    rows = [
+        ("backend", s["backend"]),
+        ("device", f"{s['device']} ({s['device_name']}, {s['num_threads']} threads)"),
+        ("model", f"{s['model']}  [{s['model_path']}]"),
+        ("parameters", f"{engine.shape.num_parameters() / 1e6:.1f} M"),
+        ("dtype", s["dtype"]),
+        ("max_model_len", s["max_model_len"]),
+        ("kv blocks", f"{s['kv_num_blocks']} x {s['kv_block_size']} tokens"),
+        ("kv capacity", f"{s['kv_capacity_tokens']} tokens ({s['kv_cache_bytes'] / 2**20:.0f} MiB)"),
+        ("max_num_seqs", engine.config.scheduler.max_num_seqs),
+        ("max_num_batched_tokens", engine.config.scheduler.max_num_batched_tokens),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sagellm", description="sagellm: LLM serving testbed")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a reply to PROMPT, streamed as it is produced")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    g.add_argument("--quiet", action="store_true", help="do not print metrics")
+    _add_engine_options(g)
+    g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser("info", help="backend, device, model, dtype and KV capacity")
+    _add_engine_options(i)
+    i.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        print(f"sagellm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`SageLLMConfig` and its parts: YAML or dict in, dict out, validated with errors that name the field.
+
+The same config object builds the live engine and (later) the simulator, so the policy settings a
+study varies are written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sagellm.core.scheduler import SchedulerLimits
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to serve. `model_id` None serves the embedded SmolLM2-135M-Instruct; a path
+    loads a GGUF file or a Hugging Face directory (config.json + *.safetensors). Nothing is
+    downloaded. `max_model_len` None takes the model's context length."""
+
+    model_id: str | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = 2048
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"model.max_model_len: must be > 0 or null, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The paged KV pool. `num_blocks` None sizes the pool from `memory_gb` (GiB of K and V over
+    all layers) and the model's shape and dtype."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"kv_cache.block_size: must be > 0, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"kv_cache.num_blocks: must be > 0 or null, got {self.num_blocks}")
+        if self.memory_gb <= 0:
+            raise ConfigError(f"kv_cache.memory_gb: must be > 0, got {self.memory_gb}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: at most `max_num_seqs` running requests and
+    `max_num_batched_tokens` tokens per step; prompts are split into chunks when
+    `chunked_prefill` is on."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"scheduler.max_num_seqs: must be > 0, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ConfigError(
+                f"scheduler.max_num_batched_tokens: must be > 0, got {self.max_num_batched_tokens}"
+            )
+
+    def limits(self, max_model_len: int) -> SchedulerLimits:
+        budget = self.max_num_batched_tokens
+        if not self.chunked_prefill:
+            budget = max(budget, max_model_len)
+        return SchedulerLimits(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+            chunked_prefill=self.chunked_prefill,
+        )
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Where the model runs. `device` "auto" takes CUDA when present, else the CPU; "cpu", "cuda"
+    and "cuda:N" force one. `num_threads` None leaves torch's intra-op thread count as it is."""
+
+    device: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"backend.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ConfigError(f"backend.num_threads: must be > 0 or null, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Benchmark repetition and CI gates: a run fails a gate when its throughput is below
+    `min_output_tokens_per_s` or its mean TTFT / TPOT exceed the maxima (None disables a gate)."""
+
+    warmup_runs: int = 1
+    repeats: int = 3
+    min_output_tokens_per_s: float | None = None
+    max_mean_ttft_ms: float | None = None
+    max_mean_tpot_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup_runs < 0:
+            raise ConfigError(f"benchmark.warmup_runs: must be >= 0, got {self.warmup_runs}")
+        if self.repeats <= 0:
+            raise ConfigError(f"benchmark.repeats: must be > 0, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class SageLLMConfig:
+    """The whole configuration. `SageLLMConfig()` serves the embedded default model on the CPU."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SageLLMConfig:
+        return _build(cls, data or {}, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SageLLMConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> SageLLMConfig:
+        """A copy with some fields changed, e.g. `replace(model={"dtype": "bfloat16"})`."""
+        merged = self.to_dict()
+        for name, values in sections.items():
+            if name not in merged:
+                raise ConfigError(f"unknown config section {name!r}; allowed: {sorted(merged)}")
+            merged[name].update(values)
+        return SageLLMConfig.from_dict(merged)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

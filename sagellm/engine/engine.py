@@ -1,0 +1,404 @@
+"""`SageLLMEngine`: the live engine. One background loop serves every caller with continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sagellm.backends import device_info, resolve_device
+from sagellm.config import SageLLMConfig
+from sagellm.core.kv.manager import KVCacheManager
+from sagellm.core.request import Request, RequestStatus
+from sagellm.core.scheduler import Scheduler
+from sagellm.engine.executor import LiveExecutor
+from sagellm.engine.model_runner import ModelRunner
+from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
+from sagellm.models.attention import PagedKVCache
+from sagellm.models.llama import LlamaModel
+from sagellm.models.loader import load_model_weights
+from sagellm.models.paths import resolve_model_path
+from sagellm.models.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Pending:
+    request: GenerateRequest
+    prompt_ids: tuple[int, ...]
+    on_done: Callable[[GenerateOutput], None]
+    on_delta: Callable[[StreamDelta], None] | None = None
+    emitted_text: list[str] = field(default_factory=list)
+
+
+class SageLLMEngine:
+    """Serves a model with a paged KV cache and continuous batching.
+
+    Contract: `initialize()` loads the model and starts one background thread that runs the loop
+    schedule -> execute -> update; `generate`, `generate_batch`, `generate_async` and
+    `generate_stream` all submit to that loop, so concurrent callers share batches. Invalid
+    requests raise `ValueError` in the caller before anything is queued. A failing step ends the
+    requests in it with finish_reason "error" and the loop keeps serving. `shutdown()` stops the
+    loop and ends unfinished requests with "abort".
+    """
+
+    def __init__(self, config: SageLLMConfig | None = None) -> None:
+        self.config = config or SageLLMConfig()
+        self._inbox: queue.Queue = queue.Queue()
+        self._pending: dict[str, _Pending] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0}
+        self._started_at = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def initialize(self) -> SageLLMEngine:
+        if self._thread is not None:
+            return self
+        cfg = self.config
+        if cfg.backend.num_threads:
+            torch.set_num_threads(cfg.backend.num_threads)
+        self.device = resolve_device(cfg.backend.device)
+        self.dtype = TORCH_DTYPES[cfg.model.dtype]
+        self.model_path = resolve_model_path(cfg.model.model_id)
+        shape, weights = load_model_weights(self.model_path, self.dtype)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.shape = shape
+        self.max_model_len = min(cfg.model.max_model_len or shape.max_position_embeddings,
+                                 shape.max_position_embeddings)
+        block_size = cfg.kv_cache.block_size
+        num_blocks = cfg.kv_cache.num_blocks or max(
+            1, int(cfg.kv_cache.memory_gb * 2**30 // (block_size * shape.kv_bytes_per_token(self.dtype.itemsize)))
+        )
+        self.model = LlamaModel(shape, weights, self.dtype, self.device, self.max_model_len)
+        del weights
+        self.kv_cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, num_blocks, block_size,
+                                     shape.head_dim, self.dtype, self.device)
+        self.kv_manager = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
+        self.executor = LiveExecutor(ModelRunner(self.model, self.kv_cache), self.tokenizer, cfg.backend.seed)
+        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(shape.eos_token_ids)))
+        self._stopping = False
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="sagellm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(("stop", None))
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> SageLLMEngine:
+        return self.initialize()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
+        return self.generate_batch([self._coerce(request, kwargs)])[0]
+
+    def generate_batch(self, requests: list[GenerateRequest | str], **kwargs: Any) -> list[GenerateOutput]:
+        reqs = [self._coerce(r, kwargs) for r in requests]
+        prepared = [self._prepare(r) for r in reqs]
+        self._check_unique([r.request_id for r in reqs])
+        done: queue.Queue = queue.Queue()
+        for r, ids in prepared:
+            self._submit(_Pending(r, ids, done.put))
+        outputs = {}
+        while len(outputs) < len(reqs):
+            out = done.get()
+            outputs[out.request_id] = out
+        return [outputs[r.request_id] for r in reqs]
+
+    async def generate_async(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
+        req = self._coerce(request, kwargs)
+        r, ids = self._prepare(req)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(out: GenerateOutput) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(out))
+
+        self._submit(_Pending(r, ids, done))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(r.request_id)
+            raise
+
+    def generate_stream(self, request: GenerateRequest | str, **kwargs: Any) -> TokenStream:
+        """A stream of `StreamDelta`s; iterate it with `for` or `async for`."""
+        req = self._coerce(request, kwargs)
+        r, ids = self._prepare(req)
+        return TokenStream(self, r, ids)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def get_stats(self) -> dict[str, Any]:
+        self._require_initialized()
+        elapsed = max(time.monotonic() - self._started_at, 1e-9)
+        kvm = self.kv_manager
+        info = device_info(self.device)
+        with self._lock:
+            stats = dict(self._stats)
+        stats.update(
+            model=self.shape.name or str(self.model_path.name),
+            model_path=str(self.model_path),
+            dtype=self.config.model.dtype,
+            backend=info.backend,
+            device=info.device,
+            device_name=info.name,
+            num_threads=info.num_threads,
+            max_model_len=self.max_model_len,
+            kv_block_size=kvm.block_size,
+            kv_num_blocks=kvm.num_blocks,
+            kv_capacity_tokens=kvm.capacity_tokens,
+            kv_free_blocks=kvm.num_free_blocks,
+            kv_usage=kvm.usage,
+            kv_cache_bytes=self.kv_cache.nbytes,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            uptime_s=elapsed,
+            output_tokens_per_s=stats["output_tokens"] / elapsed,
+        )
+        return stats
+
+    # ---- request preparation (caller thread) -------------------------------------------------
+    def _coerce(self, request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
+        if isinstance(request, str):
+            return GenerateRequest(prompt=request, **kwargs)
+        if kwargs:
+            raise ValueError("keyword sampling options apply only to a plain-text prompt")
+        if not isinstance(request, GenerateRequest):
+            raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
+        return request
+
+    def _prepare(self, req: GenerateRequest) -> tuple[GenerateRequest, tuple[int, ...]]:
+        self._require_initialized()
+        if req.prompt is not None:
+            ids = tuple(self.tokenizer.encode(req.prompt))
+        elif req.messages is not None:
+            ids = tuple(self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True))
+        else:
+            ids = req.prompt_token_ids
+            bad = [t for t in ids if t >= self.shape.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (size {self.shape.vocab_size})")
+        if not ids:
+            raise ValueError("prompt: tokenizes to zero tokens")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens is longer than the context window allows "
+                f"(max_model_len {self.max_model_len}, which must leave room for one new token)"
+            )
+        return req, ids
+
+    @staticmethod
+    def _check_unique(ids: list[str]) -> None:
+        """Ids within one call must differ; a clash with an in-flight request is reported by the
+        scheduler as an "error" output for the newcomer."""
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"request_id {dup!r} appears more than once in the batch")
+
+    def _submit(self, pending: _Pending) -> None:
+        if self._thread is None or self._stopping:
+            raise RuntimeError("the engine is not running: call initialize() first")
+        self._inbox.put(("add", (pending, time.monotonic())))
+
+    def _require_initialized(self) -> None:
+        if self._thread is None:
+            raise RuntimeError("the engine is not initialized: call initialize() first")
+
+    # ---- the loop (engine thread) ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox(block=not self.scheduler.has_unfinished())
+            if self._stopping:
+                break
+            if not self.scheduler.has_unfinished():
+                continue
+            out = self.scheduler.schedule(time.monotonic())
+            if out.is_empty:
+                self.executor.runner.execute(out)
+                continue
+            try:
+                result = self.executor.execute(out)
+            except Exception as exc:  # a failed step must not kill the loop or hang callers
+                log.exception("step %d failed", out.step_id)
+                self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
+                continue
+            finished = self.scheduler.update(out, result, time.monotonic())
+            self._dispatch(out, finished)
+        self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple[str, Any]) -> None:
+        kind, payload = item
+        if kind == "stop":
+            self._stopping = True
+        elif kind == "abort":
+            req = self.scheduler.abort_request(payload, time.monotonic())
+            if req is not None:
+                self._finish(req)
+        elif kind == "add":
+            pending, arrival = payload
+            r = pending.request
+            sampling = r.sampling_params()
+            core_req = Request(r.request_id, list(pending.prompt_ids), sampling, arrival,
+                               eos_token_ids=self.eos_token_ids, tenant=r.tenant)
+            try:
+                self.scheduler.add_request(core_req)
+            except ValueError as exc:
+                self._deliver_error(pending, str(exc))
+                return
+            self._pending[r.request_id] = pending
+            self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
+            with self._lock:
+                self._stats["prompt_tokens"] += len(pending.prompt_ids)
+
+    def _dispatch(self, out: Any, finished: list[Request]) -> None:
+        done_ids = {r.request_id for r in finished}
+        n_new = 0
+        for s in out.scheduled:
+            if not s.samples:
+                continue
+            n_new += 1
+            p = self._pending.get(s.request_id)
+            if p is None or p.on_delta is None or s.request_id in done_ids:
+                continue
+            state = self.executor.states[s.request_id]
+            if state.pending_text or state.pending_tokens:
+                p.emitted_text.append(state.pending_text)
+                p.on_delta(StreamDelta(s.request_id, state.pending_text, tuple(state.pending_tokens)))
+                state.pending_text, state.pending_tokens = "", []
+        with self._lock:
+            self._stats["steps"] += 1
+            self._stats["output_tokens"] += n_new
+        for req in finished:
+            self._finish(req)
+
+    def _finish(self, req: Request, error: str | None = None) -> None:
+        pending = self._pending.pop(req.request_id, None)
+        state = self.executor.release(req.request_id)
+        if pending is None:
+            return
+        detok = state.detokenizer if state else None
+        if detok is not None and detok.stopped:
+            text = detok.text
+        else:
+            text = self.tokenizer.decode(req.output_token_ids)
+        output = GenerateOutput(
+            request_id=req.request_id,
+            text=text,
+            token_ids=tuple(req.output_token_ids),
+            finish_reason=req.finish_reason or "error",
+            prompt_token_ids=pending.prompt_ids,
+            metrics=RequestMetrics.from_request(req),
+            error=error,
+        )
+        with self._lock:
+            self._stats["finished"] += 1
+            self._stats["errors"] += error is not None
+        if pending.on_delta is not None:
+            sent = "".join(pending.emitted_text)
+            tail = text[len(sent):] if text.startswith(sent) else ""
+            tokens = tuple(state.pending_tokens) if state else ()
+            pending.on_delta(StreamDelta(req.request_id, tail, tokens, finished=True, output=output))
+        pending.on_done(output)
+
+    def _deliver_error(self, pending: _Pending, message: str) -> None:
+        r = pending.request
+        with self._lock:
+            self._stats["errors"] += 1
+        output = GenerateOutput(r.request_id, "", (), "error", pending.prompt_ids, None, error=message)
+        if pending.on_delta is not None:
+            pending.on_delta(StreamDelta(r.request_id, "", (), finished=True, output=output))
+        pending.on_done(output)
+
+    def _fail_requests(self, request_ids: list[str], message: str,
+                       status: RequestStatus = RequestStatus.FINISHED_ERROR) -> None:
+        now = time.monotonic()
+        for rid in request_ids:
+            req = self.scheduler.abort_request(rid, now)
+            if req is None:
+                continue
+            req.status = status
+            self._finish(req, error=message)
+
+
+class TokenStream:
+    """A lazily submitted streaming request: `for delta in stream` (blocking) or
+    `async for delta in stream`. Leaving the loop early aborts the request."""
+
+    def __init__(self, engine: SageLLMEngine, request: GenerateRequest, prompt_ids: tuple[int, ...]) -> None:
+        self.engine = engine
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.output: GenerateOutput | None = None
+
+    def __iter__(self) -> Iterator[StreamDelta]:
+        q: queue.Queue = queue.Queue()
+        self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None, q.put))
+        finished = False
+        try:
+            while True:
+                delta = q.get()
+                if delta.finished:
+                    finished = True
+                    self.output = delta.output
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(self.request.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self.engine._submit(
+            _Pending(self.request, self.prompt_ids, lambda _o: None,
+                     lambda d: loop.call_soon_threadsafe(q.put_nowait, d))
+        )
+        finished = False
+        try:
+            while True:
+                delta = await q.get()
+                if delta.finished:
+                    finished = True
+                    self.output = delta.output
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(self.request.request_id)

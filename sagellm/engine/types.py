@@ -1,0 +1,131 @@
+"""The engine's public request and output types (plain data)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from sagellm.core.request import Request
+from sagellm.core.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request.
+
+    Give exactly one of `prompt` (text), `prompt_token_ids`, or `messages` (chat turns, rendered
+    with the model's chat template). `request_id` defaults to a fresh UUID. Sampling fields are
+    validated on construction (`ValueError` naming the field).
+    """
+
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[dict, ...] | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})")
+        if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
+            raise ValueError("prompt: must be a non-empty string")
+        if self.prompt_token_ids is not None:
+            object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+            if not self.prompt_token_ids:
+                raise ValueError("prompt_token_ids: must not be empty")
+            if not all(isinstance(t, int) and t >= 0 for t in self.prompt_token_ids):
+                raise ValueError("prompt_token_ids: must be non-negative integers")
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
+            if not self.messages:
+                raise ValueError("messages: must not be empty")
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        self.sampling_params()
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,),
+            stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Per-request latencies in seconds: queueing (arrival to first schedule), TTFT (arrival to
+    first token), TPOT (mean time between output tokens after the first), end-to-end, and the
+    inter-token latencies."""
+
+    arrival_time: float
+    queue_time: float | None
+    ttft: float | None
+    tpot: float | None
+    e2e_latency: float | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_preemptions: int
+    inter_token_latencies: tuple[float, ...] = ()
+
+    @classmethod
+    def from_request(cls, req: Request) -> RequestMetrics:
+        t = req.token_times
+        itl = tuple(b - a for a, b in zip(t, t[1:]))
+        return cls(
+            arrival_time=req.arrival_time,
+            queue_time=None if req.first_scheduled_time is None else req.first_scheduled_time - req.arrival_time,
+            ttft=None if req.first_token_time is None else req.first_token_time - req.arrival_time,
+            tpot=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+            e2e_latency=None if req.finish_time is None else req.finish_time - req.arrival_time,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_preemptions=req.num_preemptions,
+            inter_token_latencies=itl,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """A finished request: generated `text` and `token_ids` (eos included when it ended the
+    request), `finish_reason` "stop", "length", "abort" or "error" (then `error` says why)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_token_ids: tuple[int, ...]
+    metrics: RequestMetrics | None
+    error: str | None = None
+
+    @property
+    def throughput_tokens_per_s(self) -> float | None:
+        m = self.metrics
+        if m is None or not m.e2e_latency:
+            return None
+        return m.num_output_tokens / m.e2e_latency
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """A piece of a streamed generation: new text and token ids since the previous delta; the
+    last delta has `finished` true and carries the full `output`."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    output: GenerateOutput | None = None
