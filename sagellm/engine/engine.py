@@ -26,6 +26,7 @@ from sagellm.models.llama import LlamaModel
 from sagellm.models.loader import load_model_weights
 from sagellm.models.paths import resolve_model_path
 from sagellm.models.tokenizer import load_tokenizer
+from sagellm.models.weight_cache import tokenizer_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class SageLLMEngine:
         self.dtype = TORCH_DTYPES[cfg.model.dtype]
         self.model_path = resolve_model_path(cfg.model.model_id)
         shape, weights = load_model_weights(self.model_path, self.dtype)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path, shape.eos_token_ids, cache_dir=tokenizer_cache_dir())
         self.shape = shape
         self.max_model_len = min(cfg.model.max_model_len or shape.max_position_embeddings,
                                  shape.max_position_embeddings)

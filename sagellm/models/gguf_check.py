@@ -71,7 +71,10 @@ class _Cursor:
             if min_item is None:
                 raise self.fail(f"{what} has unknown array item type {itype}")
             if count * min_item > self.end - self.pos:
-                raise self.fail(f"{what} claims {count} items, more than the rest of the file can hold")
+                raise self.fail(
+                    f"{what} at byte {self.pos} claims {count} items, more than the rest of the file "
+                    f"can hold (the file has {self.end} bytes)"
+                )
             for _ in range(count):
                 self.skip_value(itype, what)
         else:
@@ -118,7 +121,9 @@ def check_gguf_file(path: Path) -> None:
         for name, n_elements, qtype, offset in table:
             block, type_size = GGML_QUANT_SIZES[qtype]
             if n_elements % block:
-                raise cur.fail(f"tensor {name} has {n_elements} elements, not a multiple of {qtype.name} blocks")
+                raise cur.fail(
+                    f"tensor {name} has {n_elements} elements, not a multiple of {qtype.name} blocks"
+                )
             end = data_start + offset + n_elements // block * type_size
             if end > size:
                 raise ModelLoadError(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from sagellm.models import weight_cache
 from sagellm.models.errors import ModelLoadError
 from sagellm.models.gguf_loader import load_gguf
 from sagellm.models.safetensors_loader import load_hf_dir
@@ -83,6 +84,12 @@ def load_model_weights(path: Path, dtype: torch.dtype) -> tuple[ModelShape, dict
             )
         shape, weights = load_hf_dir(path, dtype)
     else:
-        shape, weights = load_gguf(path, dtype)
+        cached = weight_cache.load_cached(path, dtype) if weight_cache.cache_enabled() else None
+        if cached is not None:
+            shape, weights = cached
+        else:
+            shape, weights = load_gguf(path, dtype)
+            if weight_cache.cache_enabled():
+                weight_cache.store(path, shape, weights)
     validate_weights(path, shape, weights)
     return shape, weights
