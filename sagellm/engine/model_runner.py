@@ -76,7 +76,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             decode_rows=None,
             decode_block_tables=None,
-            decode_mask_bias=None,
+            decode_mask=None,
             prefills=prefills,
             block_size=bs,
         )
@@ -85,11 +85,10 @@ class ModelRunner:
             padded = [t[:max_blocks] + [t[0]] * (max_blocks - min(len(t), max_blocks)) for t in decode_tables]
             lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
             span = torch.arange(max_blocks * bs, device=self.device)
-            bias = torch.zeros((len(decode_rows), max_blocks * bs), dtype=torch.float32, device=self.device)
-            bias.masked_fill_(span.unsqueeze(0) >= lens.unsqueeze(1), float("-inf"))
+            mask = span.unsqueeze(0) < lens.unsqueeze(1)
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-            meta.decode_mask_bias = bias.view(1, len(decode_rows), 1, max_blocks * bs)
+            meta.decode_mask = mask.view(len(decode_rows), 1, 1, max_blocks * bs)
 
         logits = self.model.forward(
             torch.tensor(token_ids, dtype=torch.long, device=self.device),

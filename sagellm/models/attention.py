@@ -1,6 +1,7 @@
 """Paged attention over a block-structured KV cache, for a step that mixes prefill chunks and decodes.
 
-Cache layout, per layer: K and V each `[num_kv_heads, num_blocks, block_size, head_dim]`. A request
+Cache layout, per layer: K and V each `[num_blocks, block_size, num_kv_heads, head_dim]`, so one
+block is one contiguous piece of memory and gathering a request's blocks is a row gather. A request
 reads only the blocks of its own block table. Decodes (one query token each) are batched together;
 each prefill chunk attends to its own context with a causal mask offset by its start position.
 """
@@ -37,13 +38,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     decode_rows: torch.Tensor | None
     decode_block_tables: torch.Tensor | None
-    decode_mask_bias: torch.Tensor | None
+    decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
     block_size: int
 
 
 class PagedKVCache:
-    """The KV tensors of every layer: `[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]`.
+    """The KV tensors of every layer: `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`.
 
     Side effects: `write` stores new K/V rows in place at their slots.
     """
@@ -61,7 +62,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.tensor = torch.zeros(
-            (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
 
     @property
@@ -75,9 +76,9 @@ class PagedKVCache:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store `k`, `v` (`[N, num_kv_heads, head_dim]`) at `slot_mapping` (`[N]`)."""
-    h, nb, bs, d = k_cache.shape
-    k_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(
@@ -98,19 +99,19 @@ def paged_attention(
     group = n_heads // n_kv
     out = torch.empty_like(q)
 
+    bs = meta.block_size
     if meta.decode_rows is not None:
         rows = meta.decode_rows
         tables = meta.decode_block_tables
         b, max_blocks = tables.shape
+        span = max_blocks * bs
         flat = tables.reshape(-1)
-        keys = k_cache.index_select(1, flat).view(n_kv, b, max_blocks * meta.block_size, head_dim)
-        values = v_cache.index_select(1, flat).view(n_kv, b, max_blocks * meta.block_size, head_dim)
-        qd = q.index_select(0, rows).view(b, n_kv, group, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
-        scores = torch.matmul(qd, keys.transpose(-1, -2)).float()
-        scores.mul_(scale).add_(meta.decode_mask_bias)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        att = torch.matmul(probs, values)  # [Hkv, B, G, D]
-        out.index_copy_(0, rows, att.transpose(0, 1).reshape(b, n_heads, head_dim))
+        keys = k_cache.index_select(0, flat).view(b, span, n_kv, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, flat).view(b, span, n_kv, head_dim).transpose(1, 2)
+        # The `group` query heads sharing a KV head act as `group` query rows of one head.
+        qd = q.index_select(0, rows).view(b, n_kv, group, head_dim)
+        att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.decode_mask, scale=scale)
+        out.index_copy_(0, rows, att.reshape(b, n_heads, head_dim))
 
     for chunk in meta.prefills:
         r0, n = chunk.row_start, chunk.num_tokens
@@ -122,13 +123,14 @@ def paged_attention(
         else:
             ctx = chunk.start_position + n
             nb = chunk.block_ids.numel()
-            kc = k_cache.index_select(1, chunk.block_ids).view(n_kv, nb * meta.block_size, head_dim)[:, :ctx]
-            vc = v_cache.index_select(1, chunk.block_ids).view(n_kv, nb * meta.block_size, head_dim)[:, :ctx]
+            kc = k_cache.index_select(0, chunk.block_ids).view(nb * bs, n_kv, head_dim)[:ctx]
+            vc = v_cache.index_select(0, chunk.block_ids).view(nb * bs, n_kv, head_dim)[:ctx]
             q_pos = torch.arange(chunk.start_position, ctx, device=q.device)
             k_pos = torch.arange(ctx, device=q.device)
             mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [n, ctx]
             att = F.scaled_dot_product_attention(
-                qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
+                qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=scale, enable_gqa=True,
             )
         out[r0 : r0 + n] = att.squeeze(0).transpose(0, 1)
     return out
