@@ -90,11 +90,14 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class BackendConfig:
     """Where the model runs. `device` "auto" takes CUDA when present, else the CPU; "cpu", "cuda"
-    and "cuda:N" force one. `num_threads` None leaves torch's intra-op thread count as it is."""
+    and "cuda:N" force one. `num_threads` None leaves torch's intra-op thread count as it is.
+    `kernels` uses sagellm's compiled CPU attention kernel when it can be built (else pure torch).
+    `seed` seeds the random draws of sampled requests that bring no seed of their own."""
 
     device: str = "auto"
     num_threads: int | None = None
     seed: int = 0
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

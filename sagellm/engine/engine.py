@@ -88,7 +88,9 @@ class SageLLMEngine:
                                      shape.head_dim, self.dtype, self.device)
         self.kv_manager = KVCacheManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
-        self.executor = LiveExecutor(ModelRunner(self.model, self.kv_cache), self.tokenizer, cfg.backend.seed)
+        self.executor = LiveExecutor(
+            ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed
+        )
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(shape.eos_token_ids)))
         self._stopping = False
         self._started_at = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sagellm.accel.kernels import paged_decode_kernel
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.models.attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from sagellm.models.llama import LlamaModel
@@ -19,8 +20,9 @@ class ModelRunner:
     K/V of every computed token into the cache.
     """
 
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, use_kernels: bool = True) -> None:
         self.model = model
+        self.decode_kernel = paged_decode_kernel() if use_kernels and model.device.type == "cpu" else None
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
@@ -89,6 +91,8 @@ class ModelRunner:
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
             meta.decode_mask = mask.view(len(decode_rows), 1, 1, max_blocks * bs)
+            meta.decode_lens = lens
+            meta.decode_kernel = self.decode_kernel
 
         logits = self.model.forward(
             torch.tensor(token_ids, dtype=torch.long, device=self.device),

@@ -8,6 +8,7 @@ each prefill chunk attends to its own context with a causal mask offset by its s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
     block_size: int
+    decode_lens: torch.Tensor | None = None
+    decode_kernel: Callable | None = None
 
 
 class PagedKVCache:
@@ -100,7 +103,12 @@ def paged_attention(
     out = torch.empty_like(q)
 
     bs = meta.block_size
-    if meta.decode_rows is not None:
+    if meta.decode_rows is not None and meta.decode_kernel is not None:
+        rows = meta.decode_rows
+        qd = q.index_select(0, rows)
+        att = meta.decode_kernel(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
+        out.index_copy_(0, rows, att)
+    elif meta.decode_rows is not None:
         rows = meta.decode_rows
         tables = meta.decode_block_tables
         b, max_blocks = tables.shape

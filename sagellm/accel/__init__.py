@@ -1,0 +1,1 @@
+"""Acceleration: optional compiled kernels (paged decode attention on the CPU)."""
