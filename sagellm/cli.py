@@ -36,6 +36,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from sagellm.engine import GenerateRequest, SageLLMEngine
 
+    if not args.prompt.strip():
+        raise ValueError("prompt: must not be empty")
     config = _config_from_args(args)
     sampling = dict(
         max_new_tokens=args.max_new_tokens,

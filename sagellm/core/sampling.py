@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is greedy (as in vLLM): dividing logits by a smaller number
+# overflows float32 and the distribution is a point mass on the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -10,7 +15,7 @@ class SamplingParams:
     """How one request picks its next tokens and when it stops.
 
     Contract: construction validates every field and raises `ValueError` naming the field and the
-    allowed range. `temperature == 0` means greedy. `top_k == 0` and `top_p == 1` disable those
+    allowed range. `temperature` below 1e-5 (e.g. 0) means greedy. `top_k == 0` and `top_p == 1` disable those
     filters. `seed` makes a request's random draws reproducible regardless of batch composition.
     `ignore_eos` ignores the model's end-of-sequence tokens (but not `stop_token_ids`).
     """
@@ -33,14 +38,26 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an integer > 0, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or isinstance(self.temperature, bool)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if (
+            not isinstance(self.top_p, (int, float))
+            or isinstance(self.top_p, bool)
+            or not math.isfinite(self.top_p)
+            or not 0.0 < self.top_p <= 1.0
+        ):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
@@ -50,4 +67,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

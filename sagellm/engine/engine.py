@@ -87,6 +87,8 @@ class SageLLMEngine:
         self.kv_cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, num_blocks, block_size,
                                      shape.head_dim, self.dtype, self.device)
         self.kv_manager = KVCacheManager(num_blocks, block_size)
+        # A request alone must fit in the KV pool; the scheduler applies the same cap.
+        self.max_model_len = min(self.max_model_len, self.kv_manager.capacity_tokens)
         self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
         self.executor = LiveExecutor(
             ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed
@@ -124,7 +126,11 @@ class SageLLMEngine:
             self._submit(_Pending(r, ids, done.put))
         outputs = {}
         while len(outputs) < len(reqs):
-            out = done.get()
+            try:
+                out = done.get(timeout=1.0)
+            except queue.Empty:
+                self._check_alive()
+                continue
             outputs[out.request_id] = out
         return [outputs[r.request_id] for r in reqs]
 
@@ -135,7 +141,8 @@ class SageLLMEngine:
         future: asyncio.Future = loop.create_future()
 
         def done(out: GenerateOutput) -> None:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(out))
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(out))
 
         self._submit(_Pending(r, ids, done))
         try:
@@ -198,7 +205,12 @@ class SageLLMEngine:
         if req.prompt is not None:
             ids = tuple(self.tokenizer.encode(req.prompt))
         elif req.messages is not None:
-            ids = tuple(self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True))
+            try:
+                ids = tuple(self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True))
+            except ValueError:
+                raise
+            except Exception as exc:  # the template itself rejected the messages
+                raise ValueError(f"messages: the chat template cannot render them: {exc}") from exc
         else:
             ids = req.prompt_token_ids
             bad = [t for t in ids if t >= self.shape.vocab_size]
@@ -222,9 +234,14 @@ class SageLLMEngine:
             raise ValueError(f"request_id {dup!r} appears more than once in the batch")
 
     def _submit(self, pending: _Pending) -> None:
+        self._check_alive()
+        self._inbox.put(("add", (pending, time.monotonic())))
+
+    def _check_alive(self) -> None:
         if self._thread is None or self._stopping:
             raise RuntimeError("the engine is not running: call initialize() first")
-        self._inbox.put(("add", (pending, time.monotonic())))
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine loop has stopped unexpectedly; see the log, then restart the engine")
 
     def _require_initialized(self) -> None:
         if self._thread is None:
@@ -232,11 +249,9 @@ class SageLLMEngine:
 
     # ---- the loop (engine thread) ------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._drain_inbox(block=not self.scheduler.has_unfinished())
-            if self._stopping:
-                break
-            if not self.scheduler.has_unfinished():
+            if self._stopping or not self.scheduler.has_unfinished():
                 continue
             out = self.scheduler.schedule(time.monotonic())
             if out.is_empty:
@@ -244,11 +259,11 @@ class SageLLMEngine:
                 continue
             try:
                 result = self.executor.execute(out)
+                finished = self.scheduler.update(out, result, time.monotonic())
             except Exception as exc:  # a failed step must not kill the loop or hang callers
                 log.exception("step %d failed", out.step_id)
                 self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
                 continue
-            finished = self.scheduler.update(out, result, time.monotonic())
             self._dispatch(out, finished)
         self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
 
@@ -284,7 +299,12 @@ class SageLLMEngine:
                 self._deliver_error(pending, str(exc))
                 return
             self._pending[r.request_id] = pending
-            self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
+            try:
+                self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
+            except Exception as exc:
+                log.exception("request %s could not be registered", r.request_id)
+                self._fail_requests([r.request_id], f"request could not be started: {exc!r}")
+                return
             with self._lock:
                 self._stats["prompt_tokens"] += len(pending.prompt_ids)
 
@@ -301,8 +321,10 @@ class SageLLMEngine:
             state = self.executor.states[s.request_id]
             if state.pending_text or state.pending_tokens:
                 p.emitted_text.append(state.pending_text)
-                p.on_delta(StreamDelta(s.request_id, state.pending_text, tuple(state.pending_tokens)))
+                delta = StreamDelta(s.request_id, state.pending_text, tuple(state.pending_tokens))
                 state.pending_text, state.pending_tokens = "", []
+                if not _notify(p.on_delta, delta):
+                    self.abort(s.request_id)  # the consumer is gone
         with self._lock:
             self._stats["steps"] += 1
             self._stats["output_tokens"] += n_new
@@ -335,8 +357,8 @@ class SageLLMEngine:
             sent = "".join(pending.emitted_text)
             tail = text[len(sent):] if text.startswith(sent) else ""
             tokens = tuple(state.pending_tokens) if state else ()
-            pending.on_delta(StreamDelta(req.request_id, tail, tokens, finished=True, output=output))
-        pending.on_done(output)
+            _notify(pending.on_delta, StreamDelta(req.request_id, tail, tokens, finished=True, output=output))
+        _notify(pending.on_done, output)
 
     def _deliver_error(self, pending: _Pending, message: str) -> None:
         r = pending.request
@@ -344,8 +366,8 @@ class SageLLMEngine:
             self._stats["errors"] += 1
         output = GenerateOutput(r.request_id, "", (), "error", pending.prompt_ids, None, error=message)
         if pending.on_delta is not None:
-            pending.on_delta(StreamDelta(r.request_id, "", (), finished=True, output=output))
-        pending.on_done(output)
+            _notify(pending.on_delta, StreamDelta(r.request_id, "", (), finished=True, output=output))
+        _notify(pending.on_done, output)
 
     def _fail_requests(self, request_ids: list[str], message: str,
                        status: RequestStatus = RequestStatus.FINISHED_ERROR) -> None:
@@ -356,6 +378,17 @@ class SageLLMEngine:
                 continue
             req.status = status
             self._finish(req, error=message)
+
+
+def _notify(callback: Callable[[Any], None], value: Any) -> bool:
+    """Deliver to a caller's callback; a caller that has gone away (closed event loop) must not
+    take the engine loop down. Returns False when delivery failed."""
+    try:
+        callback(value)
+        return True
+    except Exception:
+        log.debug("dropping a result for a caller that has gone away", exc_info=True)
+        return False
 
 
 class TokenStream:
@@ -388,10 +421,8 @@ class TokenStream:
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.engine._submit(
-            _Pending(self.request, self.prompt_ids, lambda _o: None,
-                     lambda d: loop.call_soon_threadsafe(q.put_nowait, d))
-        )
+        self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None,
+                                     lambda d: loop.call_soon_threadsafe(q.put_nowait, d)))
         finished = False
         try:
             while True:

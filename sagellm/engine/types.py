@@ -45,9 +45,18 @@ class GenerateRequest:
             if not all(isinstance(t, int) and t >= 0 for t in self.prompt_token_ids):
                 raise ValueError("prompt_token_ids: must be non-negative integers")
         if self.messages is not None:
+            if isinstance(self.messages, (str, dict)):
+                raise ValueError("messages: must be a list of {'role': str, 'content': str} dicts")
             object.__setattr__(self, "messages", tuple(self.messages))
             if not self.messages:
                 raise ValueError("messages: must not be empty")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                    m.get("content"), str
+                ):
+                    raise ValueError(
+                        f"messages[{i}]: must be a dict with string 'role' and 'content', got {m!r}"
+                    )
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError("request_id: must be a non-empty string")
         self.sampling_params()
