@@ -91,7 +91,8 @@ class SchedulerConfig:
 class BackendConfig:
     """Where the model runs. `device` "auto" takes CUDA when present, else the CPU; "cpu", "cuda"
     and "cuda:N" force one. `num_threads` None leaves torch's intra-op thread count as it is.
-    `kernels` uses sagellm's compiled CPU attention kernel when it can be built (else pure torch).
+    `kernels` uses sagellm's CPU accelerations when available: the compiled paged-attention kernel
+    and oneDNN pre-packed bfloat16 weights (else pure torch, same results).
     `seed` seeds the random draws of sampled requests that bring no seed of their own."""
 
     device: str = "auto"

@@ -49,3 +49,20 @@ def test_kernel_matches_torch_path(kernel, dtype, tol, block_size):
     meta.decode_kernel = kernel
     got = paged_attention(q, k_new, k_new, k_cache, v_cache, meta, scale=dim**-0.5)
     assert (want.float() - got.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_bf16_linear_is_bit_identical(rows, with_bias):
+    from sagellm.accel.linear import Linear
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=gen).bfloat16()
+    b = torch.randn(96, generator=gen).bfloat16() if with_bias else None
+    x = torch.randn(rows, 64, generator=gen).bfloat16()
+    lin = Linear(w, b, pack=True)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert lin.packed is not None and lin.weight is None
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, w, b))
+    # float32 is never packed and goes through F.linear unchanged
+    assert Linear(w.float(), None, pack=True).packed is None

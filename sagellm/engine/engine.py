@@ -82,7 +82,8 @@ class SageLLMEngine:
         num_blocks = cfg.kv_cache.num_blocks or max(
             1, int(cfg.kv_cache.memory_gb * 2**30 // (block_size * shape.kv_bytes_per_token(self.dtype.itemsize)))
         )
-        self.model = LlamaModel(shape, weights, self.dtype, self.device, self.max_model_len)
+        self.model = LlamaModel(shape, weights, self.dtype, self.device, self.max_model_len,
+                                pack_weights=cfg.backend.kernels)
         del weights
         self.kv_cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, num_blocks, block_size,
                                      shape.head_dim, self.dtype, self.device)

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sagellm.accel.linear import Linear
 from sagellm.models.attention import AttentionMetadata, PagedKVCache, paged_attention, write_kv
 from sagellm.models.shape import ModelShape
 
@@ -74,22 +75,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer:
     """One transformer block's weights (fused) and its forward pass."""
 
-    def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor], index: int) -> None:
+    def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor], index: int, pack: bool = False) -> None:
         p = f"model.layers.{index}."
         self.shape = shape
         self.input_norm = weights[p + "input_layernorm.weight"]
         self.post_norm = weights[p + "post_attention_layernorm.weight"]
-        self.qkv = torch.cat(
-            [weights[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
-        ).contiguous()
-        self.qkv_bias = None
+        qkv_bias = None
         if shape.attention_bias:
-            self.qkv_bias = torch.cat([weights[p + f"self_attn.{n}_proj.bias"] for n in ("q", "k", "v")])
-        self.o_proj = weights[p + "self_attn.o_proj.weight"]
-        self.gate_up = torch.cat(
-            [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], dim=0
-        ).contiguous()
-        self.down = weights[p + "mlp.down_proj.weight"]
+            qkv_bias = torch.cat([weights[p + f"self_attn.{n}_proj.bias"] for n in ("q", "k", "v")])
+        self.qkv = Linear(
+            torch.cat([weights[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0).contiguous(),
+            qkv_bias,
+            pack,
+        )
+        self.o_proj = Linear(weights[p + "self_attn.o_proj.weight"], None, pack)
+        self.gate_up = Linear(
+            torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], dim=0).contiguous(),
+            None,
+            pack,
+        )
+        self.down = Linear(weights[p + "mlp.down_proj.weight"], None, pack)
         self.scale = 1.0 / math.sqrt(shape.head_dim)
 
     def forward(
@@ -103,7 +108,7 @@ class DecoderLayer:
         s = self.shape
         n = hidden.shape[0]
         x = rms_norm(hidden, self.input_norm, s.rms_norm_eps)
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = apply_rope(q.view(n, s.num_heads, s.head_dim), cos, sin)
         k = apply_rope(k.view(n, s.num_kv_heads, s.head_dim), cos, sin)
@@ -111,10 +116,10 @@ class DecoderLayer:
         k_cache, v_cache = kv
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         att = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        hidden = hidden + F.linear(att.reshape(n, s.q_size), self.o_proj)
+        hidden = hidden + self.o_proj(att.reshape(n, s.q_size))
         x = rms_norm(hidden, self.post_norm, s.rms_norm_eps)
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return hidden + self.down(F.silu(gate) * up)
 
 
 class LlamaModel:
@@ -122,19 +127,20 @@ class LlamaModel:
 
     Contract: `forward(token_ids, positions, kv_cache, meta, logit_rows)` writes the K/V of every
     input token into `kv_cache` at `meta.slot_mapping` and returns float32 logits `[len(logit_rows),
-    vocab]` for the requested flat rows only. The weights are not copied when already in `dtype`.
+    vocab]` for the requested flat rows only. The weights are not copied when already in `dtype`;
+    with `pack_weights`, bfloat16 weights on the CPU are pre-packed for oneDNN (`sagellm.accel`).
     """
 
     def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_positions: int) -> None:
+                 device: torch.device, max_positions: int, pack_weights: bool = False) -> None:
         self.shape = shape
         self.dtype = dtype
         self.device = device
         w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self.embed if shape.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if shape.tie_word_embeddings else w["lm_head.weight"], None, pack_weights)
         self.norm = w["model.norm.weight"]
-        self.layers = [DecoderLayer(shape, w, i) for i in range(shape.num_layers)]
+        self.layers = [DecoderLayer(shape, w, i, pack_weights) for i in range(shape.num_layers)]
         self.rope = RotaryEmbedding(shape, max_positions, dtype, device)
 
     @torch.inference_mode()
@@ -152,4 +158,4 @@ class LlamaModel:
             hidden = layer.forward(hidden, cos, sin, kv_cache.layer(i), meta)
         last = hidden.index_select(0, logit_rows)
         last = rms_norm(last, self.norm, self.shape.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
