@@ -8,6 +8,7 @@ Side effect: the first build writes to `$SAGELLM_CACHE_DIR/torch_extensions` (ab
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -38,9 +39,11 @@ def paged_decode_kernel() -> Callable | None:
 
             from sagellm.models.weight_cache import cache_root
 
-            build_dir = cache_root() / "torch_extensions" / "paged_decode"
-            build_dir.mkdir(parents=True, exist_ok=True)
             source = Path(__file__).with_name("paged_decode.cpp")
+            # Keyed by the source's content, so checkouts of the same code share one build.
+            digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+            build_dir = cache_root() / "torch_extensions" / f"paged_decode-{digest}"
+            build_dir.mkdir(parents=True, exist_ok=True)
             module = load(
                 name="sagellm_paged_decode",
                 sources=[str(source)],
