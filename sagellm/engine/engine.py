@@ -401,39 +401,35 @@ class TokenStream:
         self.request = request
         self.prompt_ids = prompt_ids
         self.output: GenerateOutput | None = None
+        self.finished = False
 
     def __iter__(self) -> Iterator[StreamDelta]:
         q: queue.Queue = queue.Queue()
         self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None, q.put))
-        finished = False
         try:
-            while True:
-                delta = q.get()
-                if delta.finished:
-                    finished = True
-                    self.output = delta.output
-                yield delta
-                if finished:
-                    return
+            while not self.finished:
+                yield self._receive(q.get())
         finally:
-            if not finished:
-                self.engine.abort(self.request.request_id)
+            self._abort_if_unfinished()
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None,
                                      lambda d: loop.call_soon_threadsafe(q.put_nowait, d)))
-        finished = False
         try:
-            while True:
-                delta = await q.get()
-                if delta.finished:
-                    finished = True
-                    self.output = delta.output
-                yield delta
-                if finished:
-                    return
+            while not self.finished:
+                yield self._receive(await q.get())
         finally:
-            if not finished:
-                self.engine.abort(self.request.request_id)
+            self._abort_if_unfinished()
+
+    def _receive(self, delta: StreamDelta) -> StreamDelta:
+        if delta.finished:
+            self.finished = True
+            self.output = delta.output
+        return delta
+
+    def _abort_if_unfinished(self) -> None:
+        """A consumer that leaves the loop early ends its request."""
+        if not self.finished:
+            self.engine.abort(self.request.request_id)
