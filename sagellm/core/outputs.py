@@ -2,16 +2,22 @@
 
 `SchedulerOutput` says what to compute in one step; `StepResult` says what came of it. Both are
 loggable as JSON (`to_dict`), and both the live engine and the simulator consume and produce them.
+
+`SchedulerOutput` is columnar (one tuple per field, one entry per scheduled request, as vLLM v1 does
+for its running requests): a simulated step costs a few tuple operations instead of one object per
+request, which is what lets the simulator run the real scheduler at millions of tokens per minute.
+`SchedulerOutput.scheduled` gives the same data as one `ScheduledRequest` per request.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """One request's share of a step.
+    """One request's share of a step (a row view of `SchedulerOutput`).
 
     Contract: compute `token_ids`, which occupy positions `start_position ..
     start_position + len(token_ids) - 1`. `new_block_ids` are appended to the request's block table
@@ -45,26 +51,93 @@ class ScheduledRequest:
 class SchedulerOutput:
     """Everything an executor needs for one step.
 
-    `finished_ids` lists requests that ended (stopped, aborted) since the previous step, so the
-    executor can drop per-request state; `preempted_ids` lists requests whose blocks were freed
-    this step (they will return with `resets_block_table`).
+    The six per-request tuples are parallel: entry i of each describes the i-th scheduled request
+    (same meaning as the fields of `ScheduledRequest`). `finished_ids` lists requests that ended
+    (stopped, aborted) since the previous step, so the executor can drop per-request state;
+    `preempted_ids` lists requests whose blocks were freed this step (they will return with
+    `resets_block_table`). Construction checks that the columns have equal lengths.
     """
 
     step_id: int
-    scheduled: tuple[ScheduledRequest, ...]
+    request_ids: tuple[str, ...] = ()
+    start_positions: tuple[int, ...] = ()
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    new_block_ids: tuple[tuple[int, ...], ...] = ()
+    resets_block_table: tuple[bool, ...] = ()
+    samples: tuple[bool, ...] = ()
     preempted_ids: tuple[str, ...] = ()
     finished_ids: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        n = len(self.request_ids)
+        for name in ("start_positions", "token_ids", "new_block_ids", "resets_block_table", "samples"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SchedulerOutput.{name} has {len(getattr(self, name))} entries, expected {n}")
+
+    @classmethod
+    def from_scheduled(
+        cls,
+        step_id: int,
+        scheduled: tuple[ScheduledRequest, ...] | list[ScheduledRequest],
+        preempted_ids: tuple[str, ...] = (),
+        finished_ids: tuple[str, ...] = (),
+    ) -> SchedulerOutput:
+        """Build the columnar message from row views (convenient in tests and tools)."""
+        return cls(
+            step_id=step_id,
+            request_ids=tuple(s.request_id for s in scheduled),
+            start_positions=tuple(s.start_position for s in scheduled),
+            token_ids=tuple(tuple(s.token_ids) for s in scheduled),
+            new_block_ids=tuple(tuple(s.new_block_ids) for s in scheduled),
+            resets_block_table=tuple(s.resets_block_table for s in scheduled),
+            samples=tuple(s.samples for s in scheduled),
+            preempted_ids=tuple(preempted_ids),
+            finished_ids=tuple(finished_ids),
+        )
+
+    @cached_property
+    def scheduled(self) -> tuple[ScheduledRequest, ...]:
+        """One `ScheduledRequest` per scheduled request, in scheduling order."""
+        return tuple(
+            ScheduledRequest(*row)
+            for row in zip(
+                self.request_ids,
+                self.start_positions,
+                self.token_ids,
+                self.new_block_ids,
+                self.resets_block_table,
+                self.samples,
+            )
+        )
+
+    @property
+    def num_scheduled(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> tuple[int, ...]:
+        return tuple(map(len, self.token_ids))
+
     @property
     def num_batched_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
+        return sum(map(len, self.token_ids))
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.request_ids
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            "step_id": self.step_id,
+            "request_ids": list(self.request_ids),
+            "start_positions": list(self.start_positions),
+            "token_ids": [list(t) for t in self.token_ids],
+            "new_block_ids": [list(b) for b in self.new_block_ids],
+            "resets_block_table": list(self.resets_block_table),
+            "samples": list(self.samples),
+            "preempted_ids": list(self.preempted_ids),
+            "finished_ids": list(self.finished_ids),
+        }
 
 
 @dataclass(frozen=True)

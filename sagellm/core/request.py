@@ -30,7 +30,7 @@ _FINISHED = {
 }
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One generation request as the policy layer sees it.
 

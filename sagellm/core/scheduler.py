@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sagellm.core.kv.manager import KVCacheManager
-from sagellm.core.outputs import ScheduledRequest, SchedulerOutput, StepResult
+from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.request import Request, RequestStatus
 
 
@@ -56,6 +56,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self._fresh_table: set[str] = set()
+        # Tokens each running request's blocks can hold, so most decodes skip the KV manager.
+        self._slots: dict[str, int] = {}
         self._step_id = 0
         self.num_preemptions = 0
 
@@ -92,55 +94,98 @@ class Scheduler:
         return bool(self.requests)
 
     # ---- one step ------------------------------------------------------------------------
+    # `schedule` and `update` are the simulator's inner loop (one iteration per request per step),
+    # so they are written flat: no per-request objects or helper calls on the common decode path.
     def schedule(self, now: float) -> SchedulerOutput:
         budget = self.limits.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        ids: list[str] = []
+        starts: list[int] = []
+        tokens: list[tuple[int, ...]] = []
+        blocks: list[tuple[int, ...]] = []
+        resets: list[bool] = []
+        samples: list[bool] = []
         preempted: list[str] = []
+        slots = self._slots
+        fresh = self._fresh_table
+        running = self.running
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
-            while new_blocks is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
+        while i < len(running) and budget > 0:
+            req = running[i]
+            rid = req.request_id
+            start = req.num_computed_tokens
+            num_prompt = len(req.prompt_token_ids)
+            total = num_prompt + len(req.output_token_ids)
+            n = total - start
+            if n > budget:
+                n = budget
+            end = start + n
+            if end <= slots.get(rid, 0):
+                new_blocks: tuple[int, ...] | None = ()
+            else:
+                new_blocks = self._allocate(rid, end)
+                while new_blocks is None:
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                    if victim is req:
+                        break
+                    new_blocks = self._allocate(rid, end)
+                if new_blocks is None:
                     break
-                new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
-            if new_blocks is None:
-                break
-            scheduled.append(self._scheduled(req, n, new_blocks))
+            ids.append(rid)
+            starts.append(start)
+            if n == 1 and start >= num_prompt:
+                tokens.append((req.output_token_ids[start - num_prompt],))
+            else:
+                tokens.append(req.token_slice(start, end))
+            blocks.append(new_blocks)
+            if start == 0 or rid in fresh:
+                fresh.discard(rid)
+                resets.append(True)
+            else:
+                resets.append(False)
+            samples.append(end == total)
             budget -= n
             i += 1
 
-        while (
-            self.waiting
-            and budget > 0
-            and not preempted
-            and len(self.running) < self.limits.max_num_seqs
-        ):
+        while self.waiting and budget > 0 and not preempted and len(running) < self.limits.max_num_seqs:
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
-            if not self.limits.chunked_prefill and remaining > budget:
-                break
-            n = min(remaining, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            rid = req.request_id
+            start = req.num_computed_tokens
+            total = req.num_tokens
+            n = total - start
+            if n > budget:
+                if not self.limits.chunked_prefill:
+                    break
+                n = budget
+            end = start + n
+            new_blocks = self._allocate(rid, end)
             if new_blocks is None:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            self.running.append(req)
-            scheduled.append(self._scheduled(req, n, new_blocks))
+            running.append(req)
+            ids.append(rid)
+            starts.append(start)
+            tokens.append(req.token_slice(start, end))
+            blocks.append(new_blocks)
+            fresh.discard(rid)
+            resets.append(True)
+            samples.append(end == total)
             budget -= n
 
         self._step_id += 1
         out = SchedulerOutput(
             step_id=self._step_id,
-            scheduled=tuple(scheduled),
+            request_ids=tuple(ids),
+            start_positions=tuple(starts),
+            token_ids=tuple(tokens),
+            new_block_ids=tuple(blocks),
+            resets_block_table=tuple(resets),
+            samples=tuple(samples),
             preempted_ids=tuple(preempted),
             finished_ids=tuple(self._finished_since_last_step),
         )
@@ -150,43 +195,51 @@ class Scheduler:
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
         """Apply one step's result; return the requests that finished in it."""
         finished: list[Request] = []
-        stopped = set(result.stopped_ids)
-        for s in output.scheduled:
-            req = self.requests.get(s.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+        stopped = result.stopped_ids
+        sampled = result.sampled_token_ids
+        requests = self.requests
+        max_len = self.max_model_len
+        running_status = RequestStatus.RUNNING
+        for rid, start, toks, samples in zip(
+            output.request_ids, output.start_positions, output.token_ids, output.samples
+        ):
+            req = requests.get(rid)
+            if req is None or req.status is not running_status:
                 continue  # aborted or preempted after scheduling
-            req.num_computed_tokens = s.start_position + s.num_tokens
-            if not s.samples:
+            req.num_computed_tokens = start + len(toks)
+            if not samples:
                 continue
-            token = result.sampled_token_ids.get(s.request_id)
+            token = sampled.get(rid)
             if token is None:
-                raise ValueError(f"step {output.step_id}: no sampled token for {s.request_id!r}")
-            req.output_token_ids.append(token)
+                raise ValueError(f"step {output.step_id}: no sampled token for {rid!r}")
+            out_ids = req.output_token_ids
+            out_ids.append(token)
             req.token_times.append(now)
             if req.first_token_time is None:
                 req.first_token_time = now
-            status = self._stop_status(req, token, s.request_id in stopped)
-            if status is not None:
+            sp = req.sampling
+            if (
+                len(out_ids) >= sp.max_new_tokens
+                or len(req.prompt_token_ids) + len(out_ids) >= max_len
+                or (stopped and rid in stopped)
+                or token in sp.stop_token_ids
+                or (not sp.ignore_eos and token in req.eos_token_ids)
+            ):
+                status = self._stop_status(req, token, rid in stopped)
                 self.running.remove(req)
                 self._finish(req, status, now)
                 finished.append(req)
         return finished
 
     # ---- internals -------------------------------------------------------------------------
-    def _scheduled(self, req: Request, n: int, new_blocks: list[int]) -> ScheduledRequest:
-        start = req.num_computed_tokens
-        resets = req.request_id in self._fresh_table or start == 0
-        self._fresh_table.discard(req.request_id)
-        return ScheduledRequest(
-            request_id=req.request_id,
-            start_position=start,
-            token_ids=req.token_slice(start, start + n),
-            new_block_ids=tuple(new_blocks),
-            resets_block_table=resets,
-            samples=start + n == req.num_tokens,
-        )
+    def _allocate(self, request_id: str, num_tokens: int) -> tuple[int, ...] | None:
+        new_blocks = self.kv.allocate_slots(request_id, num_tokens)
+        if new_blocks is None:
+            return None
+        self._slots[request_id] = self.kv.num_slots(request_id)
+        return tuple(new_blocks)
 
-    def _stop_status(self, req: Request, token: int, stopped_by_executor: bool) -> RequestStatus | None:
+    def _stop_status(self, req: Request, token: int, stopped_by_executor: bool) -> RequestStatus:
         if stopped_by_executor:
             req.stop_reason = "stop_string"
             return RequestStatus.FINISHED_STOPPED
@@ -198,13 +251,12 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.sampling.max_new_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
-            req.stop_reason = "max_model_len"
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        req.stop_reason = "max_model_len"  # the only other condition `update` checks
+        return RequestStatus.FINISHED_LENGTH
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
+        self._slots.pop(req.request_id, None)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -214,6 +266,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         self.kv.free(req.request_id)
+        self._slots.pop(req.request_id, None)
         self._fresh_table.discard(req.request_id)
         req.status = status
         req.finish_time = now

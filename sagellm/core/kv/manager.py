@@ -45,6 +45,10 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
 
+    def num_slots(self, request_id: str) -> int:
+        """Tokens the request's current blocks can hold."""
+        return len(self._tables.get(request_id, ())) * self.block_size
+
     def num_new_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         have = len(self._tables.get(request_id, ()))
         return max(0, blocks_for_tokens(num_tokens, self.block_size) - have)
