@@ -1,4 +1,5 @@
-"""The `sagellm` command line: `generate` streams a chat reply, `info` describes the engine."""
+"""The `sagellm` command line: `generate` streams a chat reply, `info` describes the engine,
+`simulate` runs the simulator on a config, `calibrate` profiles this machine for it."""
 
 from __future__ import annotations
 
@@ -118,7 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="backend, device, model, dtype and KV capacity")
     _add_engine_options(i)
     i.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("simulate", help="simulate a workload (SimPy) and print latency and throughput")
+    s.add_argument("config", help="simulation YAML (see docs/simulator.md)")
+    s.add_argument("--output", help="directory for per-request results (default results/<name>/<UTC time>)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_simulate)
+
+    c = sub.add_parser("calibrate", help="time the live engine on a grid of batch shapes; fit a profiled cost model")
+    c.add_argument("--repeats", type=int, default=5, help="timed repeats per batch shape (after 2 warm-ups)")
+    c.add_argument("--quick", action="store_true", help="a third of the grid (for tests)")
+    c.add_argument("--output-dir", help="where to write the profile (default simulator/hardware/profiles)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(c)
+    c.set_defaults(func=_cmd_calibrate)
     return parser
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator.commands import cmd_simulate
+
+    return cmd_simulate(args)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from simulator.commands import cmd_calibrate
+
+    if args.repeats <= 0:
+        raise ValueError(f"--repeats: must be > 0, got {args.repeats}")
+    return cmd_calibrate(args, _config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

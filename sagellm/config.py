@@ -167,6 +167,14 @@ class SageLLMConfig:
         return SageLLMConfig.from_dict(merged)
 
 
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """Build the frozen dataclass `cls` from a mapping, with `ConfigError`s naming `prefix`+field.
+
+    Other config files (simulations, experiments) use it for their own sections.
+    """
+    return _build(cls, data, prefix)
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):

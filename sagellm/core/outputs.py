@@ -70,9 +70,11 @@ class SchedulerOutput:
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
-        for name in ("start_positions", "token_ids", "new_block_ids", "resets_block_table", "samples"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"SchedulerOutput.{name} has {len(getattr(self, name))} entries, expected {n}")
+        if not (len(self.start_positions) == len(self.token_ids) == len(self.new_block_ids)
+                == len(self.resets_block_table) == len(self.samples) == n):
+            for name in ("start_positions", "token_ids", "new_block_ids", "resets_block_table", "samples"):
+                if len(getattr(self, name)) != n:
+                    raise ValueError(f"SchedulerOutput.{name} has {len(getattr(self, name))} entries, expected {n}")
 
     @classmethod
     def from_scheduled(

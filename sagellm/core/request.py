@@ -55,16 +55,18 @@ class Request:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    # Set once: the prompt length; and, by the scheduler on admission, the total length at which the
+    # request stops (max_new_tokens or the context window) and the token ids that stop it.
+    num_prompt_tokens: int = field(init=False, default=0)
+    token_limit: int = field(init=False, default=0)
+    stop_token_set: frozenset[int] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("request_id must be a non-empty string")
         if len(self.prompt_token_ids) == 0:
             raise ValueError(f"request {self.request_id!r}: prompt is empty (needs at least one token)")
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

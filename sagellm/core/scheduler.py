@@ -55,7 +55,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
-        self._fresh_table: set[str] = set()
         # Tokens each running request's blocks can hold, so most decodes skip the KV manager.
         self._slots: dict[str, int] = {}
         self._step_id = 0
@@ -71,6 +70,10 @@ class Scheduler:
                 f"context window is {self.max_model_len} tokens (prompt plus at least one new token)"
             )
         request.status = RequestStatus.WAITING
+        sp = request.sampling
+        request.token_limit = min(request.num_prompt_tokens + sp.max_new_tokens, self.max_model_len)
+        request.stop_token_set = frozenset(sp.stop_token_ids) | (
+            frozenset() if sp.ignore_eos else frozenset(request.eos_token_ids))
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -98,31 +101,48 @@ class Scheduler:
     # so they are written flat: no per-request objects or helper calls on the common decode path.
     def schedule(self, now: float) -> SchedulerOutput:
         budget = self.limits.max_num_batched_tokens
-        ids: list[str] = []
-        starts: list[int] = []
-        tokens: list[tuple[int, ...]] = []
-        blocks: list[tuple[int, ...]] = []
-        resets: list[bool] = []
-        samples: list[bool] = []
+        rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
         slots = self._slots
-        fresh = self._fresh_table
         running = self.running
 
+        # Running requests first, in admission order. Their block tables already exist. This loop
+        # stops at the first request whose blocks cannot be allocated; the loop after it preempts.
+        append = rows.append
         i = 0
+        for req in running:
+            if budget <= 0:
+                break
+            start = req.num_computed_tokens
+            out_ids = req.output_token_ids
+            total = req.num_prompt_tokens + len(out_ids)
+            rid = req.request_id
+            if total - start == 1 and start < slots[rid]:
+                # The common case: a decode whose next token fits in its blocks.
+                append((rid, start, (out_ids[-1],) if out_ids else (req.prompt_token_ids[-1],), (), False, True))
+                budget -= 1
+                i += 1
+                continue
+            end = min(total, start + budget)
+            new_blocks: tuple[int, ...] | None = ()
+            if end > slots[rid]:
+                new_blocks = self._allocate(rid, end)
+                if new_blocks is None:
+                    break
+            append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
+            budget -= end - start
+            i += 1
         while i < len(running) and budget > 0:
             req = running[i]
-            rid = req.request_id
             start = req.num_computed_tokens
-            num_prompt = len(req.prompt_token_ids)
-            total = num_prompt + len(req.output_token_ids)
+            total = req.num_tokens
             n = total - start
+            rid = req.request_id
             if n > budget:
                 n = budget
             end = start + n
-            if end <= slots.get(rid, 0):
-                new_blocks: tuple[int, ...] | None = ()
-            else:
+            new_blocks: tuple[int, ...] | None = ()
+            if end > slots[rid]:
                 new_blocks = self._allocate(rid, end)
                 while new_blocks is None:
                     victim = running.pop()
@@ -133,30 +153,20 @@ class Scheduler:
                     new_blocks = self._allocate(rid, end)
                 if new_blocks is None:
                     break
-            ids.append(rid)
-            starts.append(start)
-            if n == 1 and start >= num_prompt:
-                tokens.append((req.output_token_ids[start - num_prompt],))
-            else:
-                tokens.append(req.token_slice(start, end))
-            blocks.append(new_blocks)
-            if start == 0 or rid in fresh:
-                fresh.discard(rid)
-                resets.append(True)
-            else:
-                resets.append(False)
-            samples.append(end == total)
+            rows.append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and not preempted and len(running) < self.limits.max_num_seqs:
+        # Then waiting requests, first come first served; each starts a fresh block table.
+        limits = self.limits
+        while self.waiting and budget > 0 and not preempted and len(running) < limits.max_num_seqs:
             req = self.waiting[0]
             rid = req.request_id
             start = req.num_computed_tokens
             total = req.num_tokens
             n = total - start
             if n > budget:
-                if not self.limits.chunked_prefill:
+                if not limits.chunked_prefill:
                     break
                 n = budget
             end = start + n
@@ -168,27 +178,13 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             running.append(req)
-            ids.append(rid)
-            starts.append(start)
-            tokens.append(req.token_slice(start, end))
-            blocks.append(new_blocks)
-            fresh.discard(rid)
-            resets.append(True)
-            samples.append(end == total)
+            rows.append((rid, start, req.token_slice(start, end), new_blocks, True, end == total))
             budget -= n
 
         self._step_id += 1
-        out = SchedulerOutput(
-            step_id=self._step_id,
-            request_ids=tuple(ids),
-            start_positions=tuple(starts),
-            token_ids=tuple(tokens),
-            new_block_ids=tuple(blocks),
-            resets_block_table=tuple(resets),
-            samples=tuple(samples),
-            preempted_ids=tuple(preempted),
-            finished_ids=tuple(self._finished_since_last_step),
-        )
+        columns = tuple(zip(*rows)) if rows else ((),) * 6
+        out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
+                              finished_ids=tuple(self._finished_since_last_step))
         self._finished_since_last_step = []
         return out
 
@@ -198,7 +194,6 @@ class Scheduler:
         stopped = result.stopped_ids
         sampled = result.sampled_token_ids
         requests = self.requests
-        max_len = self.max_model_len
         running_status = RequestStatus.RUNNING
         for rid, start, toks, samples in zip(
             output.request_ids, output.start_positions, output.token_ids, output.samples
@@ -209,21 +204,19 @@ class Scheduler:
             req.num_computed_tokens = start + len(toks)
             if not samples:
                 continue
-            token = sampled.get(rid)
-            if token is None:
-                raise ValueError(f"step {output.step_id}: no sampled token for {rid!r}")
+            try:
+                token = sampled[rid]
+            except KeyError:
+                raise ValueError(f"step {output.step_id}: no sampled token for {rid!r}") from None
             out_ids = req.output_token_ids
             out_ids.append(token)
             req.token_times.append(now)
             if req.first_token_time is None:
                 req.first_token_time = now
-            sp = req.sampling
             if (
-                len(out_ids) >= sp.max_new_tokens
-                or len(req.prompt_token_ids) + len(out_ids) >= max_len
+                req.num_prompt_tokens + len(out_ids) >= req.token_limit
+                or token in req.stop_token_set
                 or (stopped and rid in stopped)
-                or token in sp.stop_token_ids
-                or (not sp.ignore_eos and token in req.eos_token_ids)
             ):
                 status = self._stop_status(req, token, rid in stopped)
                 self.running.remove(req)
@@ -261,13 +254,11 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._fresh_table.add(req.request_id)
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         self.kv.free(req.request_id)
         self._slots.pop(req.request_id, None)
-        self._fresh_table.discard(req.request_id)
         req.status = status
         req.finish_time = now
         del self.requests[req.request_id]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import mul
+from itertools import compress
 
 from sagellm.core.outputs import SchedulerOutput
 
@@ -52,15 +52,23 @@ class BatchShape:
 def batch_vector(out: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
     """The fields of `BatchShape.from_output(out)` as a tuple, without building the object.
 
-    Written with C-level reductions (`map`, `sum`) because the simulator calls it every step.
+    Written with C-level passes (`map`, `sum`, `compress`) plus a Python loop over the multi-token
+    chunks only, because the simulator calls it every step with mostly one-token decodes.
     """
     starts = out.start_positions
     lens = list(map(len, out.token_ids))
+    n_seqs = len(lens)
     tokens = sum(lens)
-    # sum of n*c + n*(n+1)/2 over requests
-    pairs = sum(map(mul, lens, starts)) + (sum(map(mul, lens, lens)) + tokens) // 2
-    if 0 in starts:
-        decodes = sum(1 for n, c in zip(lens, starts) if n == 1 and c > 0)
-    else:
-        decodes = lens.count(1)
-    return tokens, len(lens), decodes, sum(out.samples), pairs, sum(starts) + tokens
+    s = sum(starts)
+    ctx = s + tokens
+    zeros = starts.count(0)
+    if tokens == n_seqs:  # one token each
+        return tokens, n_seqs, n_seqs - zeros, sum(out.samples), ctx, ctx
+    chunks = list(compress(zip(lens, starts), map((1).__lt__, lens)))
+    # one-token entries contribute c + 1 pairs each; chunks n*c + n*(n+1)/2
+    pairs = s + (n_seqs - len(chunks))
+    for n, c in chunks:
+        pairs += n * c + n * (n + 1) // 2 - c
+        if c == 0:
+            zeros -= 1
+    return tokens, n_seqs, n_seqs - len(chunks) - zeros, sum(out.samples), pairs, ctx

@@ -87,11 +87,11 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelShape, dict[str, tor
         reader = GGUFReader(path)
     except Exception as e:  # GGUFReader raises ValueError, IndexError, KeyError, ... on bad input
         raise ModelLoadError(f"{path}: corrupt GGUF file: {type(e).__name__}: {e}") from e
-    shape = _build_shape(path, reader)
+    shape = shape_from_reader(path, reader)
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
-            continue  # folded into shape.rope_scaling by _build_shape
+            continue  # folded into shape.rope_scaling by shape_from_reader
         name = hf_tensor_name(t.name)
         if name is None:
             raise ModelLoadError(
@@ -150,7 +150,7 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _build_shape(path: Path, reader: GGUFReader) -> ModelShape:
+def shape_from_reader(path: Path, reader: GGUFReader) -> ModelShape:
     """ModelShape from the `{arch}.*` and `tokenizer.ggml.*` metadata and the tensor table."""
     arch = _meta(reader, "general.architecture")
     if arch not in ARCHITECTURES:

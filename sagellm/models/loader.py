@@ -8,8 +8,9 @@ import torch
 
 from sagellm.models import weight_cache
 from sagellm.models.errors import ModelLoadError
-from sagellm.models.gguf_loader import load_gguf
-from sagellm.models.safetensors_loader import load_hf_dir
+from sagellm.models.gguf_check import check_gguf_file
+from sagellm.models.gguf_loader import GGUFReader, load_gguf, shape_from_reader
+from sagellm.models.safetensors_loader import load_hf_dir, read_hf_config
 from sagellm.models.shape import ModelShape
 
 
@@ -93,3 +94,18 @@ def load_model_weights(path: Path, dtype: torch.dtype) -> tuple[ModelShape, dict
                 weight_cache.store(path, shape, weights)
     validate_weights(path, shape, weights)
     return shape, weights
+
+
+def read_model_shape(path: Path) -> ModelShape:
+    """Only the shape of the model at `path` (GGUF metadata or config.json), without loading weights."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory; nothing is downloaded from a hub")
+    if path.is_dir():
+        return read_hf_config(path)
+    check_gguf_file(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # GGUFReader raises many exception types on bad input
+        raise ModelLoadError(f"{path}: corrupt GGUF file: {type(e).__name__}: {e}") from e
+    return shape_from_reader(path, reader)

@@ -1,0 +1,83 @@
+"""How fast the simulator runs with the real scheduler in the loop.
+
+The acceptance workload of the simulator issue: 100,000 requests on one replica, Poisson arrivals
+at 6.45 req/s, prompt and output lengths drawn from the azure_conv trace, a Llama-2-7B-shaped model
+in float16 on the A100-80GB roofline, chunked prefill with a 512-token budget and up to 512
+sequences. Llama-2 has a 4,096-token context, so prompts are capped at 3,072 tokens (1.4% of
+azure_conv prompts are longer) and outputs at 1,024 (none are longer).
+
+    python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from simulator.config import SimulationConfig  # noqa: E402
+from simulator.sim import Simulation  # noqa: E402
+
+TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_conv.csv"
+
+
+def config(num_requests: int) -> SimulationConfig:
+    return SimulationConfig.from_dict({
+        "name": "sim-speed",
+        "model": "llama-2-7b",
+        "hardware": "a100-80gb-sxm",
+        "sagellm": {
+            "model": {"dtype": "float16", "max_model_len": 4096},
+            "scheduler": {"max_num_seqs": 512, "max_num_batched_tokens": 512, "chunked_prefill": True},
+        },
+        "workload": {
+            "num_requests": num_requests,
+            "seed": 0,
+            "arrival": {"kind": "poisson", "rate": 6.45},
+            "prompt_len": {"kind": "empirical", "path": str(TRACE), "column": "num_prefill_tokens"},
+            "output_len": {"kind": "empirical", "path": str(TRACE), "column": "num_decode_tokens"},
+            "max_prompt_len": 3072,
+            "max_output_len": 1024,
+        },
+        "slo": {"ttft_ms": 2000, "tpot_ms": 200},
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-requests", type=int, default=100_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile one run and print the top functions")
+    args = ap.parse_args()
+    cfg = config(args.num_requests)
+    if args.profile:
+        sim = Simulation(cfg)
+        cProfile.runctx("sim.run()", globals(), {"sim": sim}, "/tmp/sim_speed.prof")
+        pstats.Stats("/tmp/sim_speed.prof").sort_stats("tottime").print_stats(15)
+        return
+    rates, step_rates = [], []
+    for k in range(args.repeats):
+        result = Simulation(cfg).run()
+        wall = result.wall_seconds
+        info = result.info
+        rates.append(len(result.records) / wall)
+        step_rates.append(info["num_steps"] / wall)
+        print(f"run {k + 1}: {len(result.records)} requests, {info['num_steps']} steps, "
+              f"{info['simulated_seconds']:.0f} simulated s in {wall:.1f} wall s -> "
+              f"{rates[-1]:.0f} req/s, {step_rates[-1]:.0f} steps/s")
+    s = result.summary
+    print(f"simulated: throughput {s['request_throughput']:.2f} req/s, mean TTFT {s['ttft_mean'] * 1e3:.0f} ms, "
+          f"mean TPOT {s['tpot_mean'] * 1e3:.1f} ms, preemptions {s['num_preemptions']:.0f}, "
+          f"KV blocks {info['num_kv_blocks_per_replica']}")
+    print(f"median over {args.repeats} runs: {statistics.median(rates):.0f} simulated requests per wall-second, "
+          f"{statistics.median(step_rates):.0f} scheduler steps per second (target >= 3000 req/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Run-level metrics: latency percentiles, throughput, goodput under SLOs (one schema for both sides)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sagellm.metrics.records import RequestRecord
+
+PERCENTILES = (50, 90, 99)
+LATENCY_METRICS = ("ttft", "tpot", "e2e_latency", "queueing_delay")
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency objectives in seconds; a request meets the SLO when its TTFT and TPOT are within them.
+
+    A request with one output token has no TPOT and meets that part. None disables a bound.
+    """
+
+    ttft: float | None = None
+    tpot: float | None = None
+
+    def met_by(self, rec: RequestRecord) -> bool:
+        if rec.ttft is None:
+            return False
+        if self.ttft is not None and rec.ttft > self.ttft:
+            return False
+        return not (self.tpot is not None and rec.tpot is not None and rec.tpot > self.tpot)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of already sorted values."""
+    n = len(sorted_values)
+    if n == 0:
+        return math.nan
+    pos = (n - 1) * q / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
+    import numpy as np
+
+    vals = np.asarray(values, dtype=np.float64)
+    if vals.size == 0:
+        return {f"{prefix}_mean": math.nan, **{f"{prefix}_p{q}": math.nan for q in PERCENTILES}}
+    out = {f"{prefix}_mean": float(vals.mean())}
+    for q, v in zip(PERCENTILES, np.percentile(vals, PERCENTILES)):
+        out[f"{prefix}_p{q}"] = float(v)
+    return out
+
+
+def summarize(
+    records: Sequence[RequestRecord],
+    inter_token_latencies: Sequence[float] = (),
+    slo: SLO | None = None,
+    duration: float | None = None,
+) -> dict[str, float]:
+    """Flat dict of run metrics (seconds, requests/s, tokens/s).
+
+    `duration` defaults to first arrival to last finish. Throughputs count finished requests only;
+    `goodput` is finished requests meeting `slo` per second (DistServe's definition).
+    """
+    finished = [r for r in records if r.finish_time is not None and r.finish_reason not in ("abort", "error")]
+    if duration is None:
+        if finished:
+            duration = max(r.finish_time for r in finished) - min(r.arrival_time for r in records)
+        else:
+            duration = 0.0
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
+    out_tokens = sum(r.num_output_tokens for r in finished)
+    in_tokens = sum(r.num_prompt_tokens for r in finished)
+    summary: dict[str, float] = {
+        "num_requests": len(records),
+        "num_finished": len(finished),
+        "duration": duration,
+        "request_throughput": rate(len(finished)),
+        "output_throughput": rate(out_tokens),
+        "total_token_throughput": rate(out_tokens + in_tokens),
+        "num_preemptions": sum(r.num_preemptions for r in records),
+    }
+    for name in LATENCY_METRICS:
+        summary.update(_stats(name, [getattr(r, name) for r in finished if getattr(r, name) is not None]))
+    summary.update(_stats("itl", inter_token_latencies))
+    if slo is not None:
+        good = sum(1 for r in finished if slo.met_by(r))
+        summary["goodput"] = rate(good)
+        summary["slo_attainment"] = good / len(records) if records else math.nan
+    return summary

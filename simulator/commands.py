@@ -1,0 +1,88 @@
+"""`sagellm simulate` and `sagellm calibrate`: the command-line side of the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from pathlib import Path
+
+from sagellm.metrics.io import format_summary, write_run
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator.config import SimulationConfig
+    from simulator.sim import Simulation
+
+    config = SimulationConfig.from_yaml(args.config)
+    sim = Simulation(config)
+    result = sim.run(progress=not args.quiet)
+    out_dir = Path(args.output) if args.output else Path("results") / config.name / time.strftime(
+        "%Y%m%dT%H%M%SZ", time.gmtime())
+    write_run(out_dir, result.records, result.summary, result.kv_usage, result.info)
+    info = result.info
+    print(format_summary(result.summary, f"{config.name}: {info['cost_model']}, {config.cluster.num_replicas} "
+                                         f"replica(s), {info['num_kv_blocks_per_replica']} KV blocks each"))
+    wall = result.wall_seconds
+    print(f"  simulated {info['simulated_seconds']:.1f} s in {wall:.2f} s wall "
+          f"({len(result.records) / max(wall, 1e-9):.0f} req/s, {info['num_steps']} steps)")
+    if result.summary.get("num_rejected"):
+        print(f"  rejected {result.summary['num_rejected']:.0f} request(s) (longer than the context window); "
+              "first: " + info["rejected"][0][1])
+    print(f"per-request results: {out_dir / 'requests.csv'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, config) -> int:
+    from tqdm import tqdm
+
+    from sagellm.engine import SageLLMEngine
+    from sagellm.engine.calibration import default_grid, measure
+    from simulator.cost.profiled import PROFILE_DIR, ProfiledCostModel, machine_identity, profile_id
+
+    engine = SageLLMEngine(config).initialize()
+    try:
+        grid = default_grid(engine.kv_manager.capacity_tokens)
+        if args.quick:
+            grid = grid[::3]
+        with tqdm(total=(args.repeats + 2) * len(grid), desc="calibrating", unit="step", disable=args.quiet) as bar:
+            samples = measure(engine, grid, repeats=args.repeats, progress=lambda d, t: bar.update(d - bar.n))
+        shape, dtype = engine.shape, config.model.dtype
+        import torch
+
+        meta = {
+            "id": profile_id(shape, dtype),
+            "machine": machine_identity(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "model_path": str(engine.model_path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "repeats": args.repeats,
+        }
+        batches = [s.batch for s in samples]
+        seconds = [s.median_seconds for s in samples]
+        model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, batches, seconds, meta=meta)
+        model.meta["heldout"] = report.__dict__
+        path = Path(args.output_dir or PROFILE_DIR) / f"{meta['id']}.json"
+        model.save(path, _samples_csv(samples, model))
+    finally:
+        engine.shutdown()
+    print(f"calibrated {len(samples)} batch shapes x {args.repeats} repeats on {meta['machine']['cpu']} "
+          f"({meta['threads']} threads), {shape.name}, {dtype}")
+    print(f"held-out error ({report.num_heldout} of {len(samples)} shapes): median {report.median_error:.1%}, "
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}")
+    print(f"profile: {path} (+ .csv samples)")
+    return 0
+
+
+def _samples_csv(samples, model) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["label", "num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs",
+                "kv_context_tokens", "median_s", "min_s", "max_s", "repeats", "predicted_s"])
+    for s in samples:
+        b = s.batch
+        w.writerow([s.label, *b.as_vector(), f"{s.median_seconds:.6f}", f"{s.min_seconds:.6f}", f"{s.max_seconds:.6f}",
+                    s.repeats, f"{model.predict(b):.6f}"])
+    return buf.getvalue()

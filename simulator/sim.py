@@ -1,0 +1,148 @@
+"""`Simulation`: arrivals from a workload, replicas behind a router, all in SimPy time.
+
+Each replica runs the real `sagellm.core` scheduler and KV manager built from the same
+`SageLLMConfig` the engine uses; only step durations come from a cost model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from sagellm.config import ConfigError
+from sagellm.core.outputs import SchedulerOutput
+from sagellm.core.request import Request, RequestStatus
+from sagellm.core.router import make_router
+from sagellm.core.sampling import SamplingParams
+from sagellm.metrics import MetricsCollector, RequestRecord, summarize
+from simulator.build import build_cost_model, build_scheduler, kv_num_blocks, resolve_shape
+from simulator.config import SimulationConfig
+from simulator.cost.base import CostModel
+from simulator.executor import PredictedExecutor
+from simulator.replica import Replica
+from simulator.workloads import TraceRequest, WorkloadError, generate, prompt_token_ids
+
+
+@dataclass
+class SimulationResult:
+    """What a run produced: per-request records, all inter-token latencies, KV usage samples
+    (time, usage, running, waiting), the summary dict, and run facts (steps, wall time)."""
+
+    config: SimulationConfig
+    records: list[RequestRecord]
+    inter_token_latencies: Any
+    kv_usage: list[tuple[float, float, int, int]]
+    summary: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0  # kept out of `info` so that written results are deterministic
+
+
+class Simulation:
+    """One simulated run of `config`.
+
+    Contract: construction builds everything and raises `ConfigError` for bad settings;
+    `run()` simulates until every request has finished and returns a `SimulationResult`. The same
+    config gives byte-identical results (all randomness is seeded by the workload). `cost_model`
+    overrides the one the config names (tests use a constant one); `on_step(replica, output)`
+    sees every scheduler output.
+    """
+
+    def __init__(self, config: SimulationConfig, cost_model: CostModel | None = None,
+                 on_step: Callable[[int, SchedulerOutput], None] | None = None) -> None:
+        self.config = config
+        cfg = config.sagellm
+        self.shape = resolve_shape(config.model, cfg, config.base_dir)
+        if cost_model is None:
+            cost_model, spec = build_cost_model(config.hardware, self.shape, cfg, config.base_dir)
+        else:
+            spec = None
+        self.cost_model = cost_model
+        self.num_blocks = kv_num_blocks(self.shape, cfg, spec, config.memory_utilization)
+        self.env = simpy.Environment()
+        self.collector = MetricsCollector(config.kv_sample_interval)
+        n = config.cluster.num_replicas
+        self.router = make_router(config.cluster.router, n)
+        self.replicas = [
+            Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks), PredictedExecutor(cost_model),
+                    self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
+            for i in range(n)
+        ]
+        self.rejected: list[tuple[str, str]] = []
+        # Start the workload now so that a bad trace file fails here, not inside the event loop.
+        try:
+            trace = generate(config.workload, config.base_dir)
+            first = next(trace, None)
+        except WorkloadError as exc:
+            raise ConfigError(str(exc)) from exc
+        if first is None:
+            raise ConfigError("workload: produces no requests (check num_requests, duration and the trace)")
+        self._trace = itertools.chain([first], trace)
+        self._sampling: dict[int, SamplingParams] = {}
+        self._num_arrived = 0
+
+    def run(self, progress: bool = False) -> SimulationResult:
+        started = time.perf_counter()
+        self.env.process(self._arrivals())
+        bar = _progress_bar(progress, self.config.workload.num_requests)
+        if bar is None:
+            self.env.run()
+        else:
+            # Advance in slices of simulated time so the bar can follow finished requests.
+            with bar:
+                while self.env.peek() != float("inf"):
+                    self.env.run(until=self.env.peek() + 10.0)
+                    bar.update(len(self.collector.records) - bar.n)
+        wall = time.perf_counter() - started
+        records = self.collector.records
+        unfinished = sum(r.num_outstanding for r in self.replicas)
+        summary = summarize(records, self.collector.inter_token_latencies, self.config.slo.to_slo())
+        summary["num_rejected"] = len(self.rejected)
+        summary["num_unfinished"] = unfinished
+        info = {
+            "simulated_seconds": self.env.now,
+            "num_steps": sum(r.num_steps for r in self.replicas),
+            "replica_busy_seconds": [r.busy_time for r in self.replicas],
+            "num_kv_blocks_per_replica": self.num_blocks,
+            "block_size": self.config.sagellm.kv_cache.block_size,
+            "cost_model": self.cost_model.name,
+            "model": self.shape.name or self.shape.architecture,
+            "rejected": self.rejected[:100],
+        }
+        return SimulationResult(self.config, records, self.collector.inter_token_latencies, self.collector.kv_usage,
+                                summary, info, wall)
+
+    def _arrivals(self) -> Generator[simpy.Event, None, None]:
+        env = self.env
+        vocab = self.shape.vocab_size
+        replicas = self.replicas
+        for index, tr in enumerate(self._trace):
+            if tr.arrival_time > env.now:
+                yield env.timeout(tr.arrival_time - env.now)
+            req = self._request(tr, vocab, index)
+            target = self.router.route([r.num_outstanding for r in replicas])
+            try:
+                replicas[target].submit(req)
+            except ValueError as exc:
+                req.status = RequestStatus.FINISHED_ERROR
+                req.finish_time = env.now
+                self.rejected.append((tr.request_id, str(exc)))
+                self.collector.add(req, target)
+
+    def _request(self, tr: TraceRequest, vocab: int, index: int) -> Request:
+        sampling = self._sampling.get(tr.output_len)
+        if sampling is None:
+            sampling = self._sampling[tr.output_len] = SamplingParams(max_new_tokens=tr.output_len, ignore_eos=True)
+        return Request(tr.request_id, prompt_token_ids(tr, vocab, index), sampling, tr.arrival_time)
+
+
+def _progress_bar(enabled: bool, total: int | None) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", desc="simulating", mininterval=0.5)
