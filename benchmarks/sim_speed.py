@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from simulator.config import SimulationConfig  # noqa: E402
 from simulator.sim import Simulation  # noqa: E402
 
-TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_conv.csv"
+TRACE = ROOT / "data" / "traces" / "azure_conv.csv"
 
 
 def config(num_requests: int) -> SimulationConfig:

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="a third of the grid (for tests)")
     c.add_argument("--output-dir", help="where to write the profile (default simulator/hardware/profiles)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--refit", metavar="PROFILE.json", help="fit an existing profile again from its samples (no timing)")
     _add_engine_options(c)
     c.set_defaults(func=_cmd_calibrate)
     return parser

@@ -71,7 +71,7 @@ def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int) 
 def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, base_dir: Path = Path(".")
                      ) -> tuple[CostModel, HardwareSpec | None]:
     """(cost model, roofline spec or None for a calibrated profile of this machine)."""
-    from simulator.cost.profiled import ProfiledCostModel, find_local_profile
+    from simulator.cost.profiled import ProfiledCostModel, find_local_profile, model_key
 
     dtype = sagellm.model.dtype
     if hardware == "local":
@@ -82,7 +82,13 @@ def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, b
             path = base_dir / path
         if not path.exists():
             raise ConfigError(f"hardware: calibrated profile {str(path)!r} does not exist (run `sagellm calibrate`)")
-        return ProfiledCostModel.load(path), None
+        model = ProfiledCostModel.load(path)
+        if model_key(model.shape) != model_key(shape) or model.dtype != dtype:
+            raise ConfigError(
+                f"hardware: profile {path.name} was calibrated for {model_key(model.shape)} in {model.dtype}, "
+                f"but the simulation runs {model_key(shape)} in {dtype}; calibrate that model and dtype"
+            )
+        return model, None
     if path.suffix in (".yaml", ".yml") and not path.is_absolute():
         path = base_dir / path
     try:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sagellm.metrics.io import format_summary, write_run
@@ -34,8 +35,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refit(path: Path) -> int:
+    """Fit a profile again from its saved samples (for example after the model form changed)."""
+    from sagellm.graph import BatchShape
+    from simulator.cost.profiled import ProfiledCostModel, read_profile
+
+    shape, dtype, doc = read_profile(path)
+    with open(path.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    fields = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
+    samples = [_Sample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
+                       float(r["min_s"]), float(r["max_s"]), int(r["repeats"])) for r in rows]
+    meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
+                                                         "repeats")}
+    model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
+                                                       [s.median_seconds for s in samples], meta=meta)
+    model.meta["heldout"] = report.__dict__
+    model.save(path, _samples_csv(samples, model))
+    print(f"refitted {path.name} on {len(samples)} samples: held-out median {report.median_error:.1%}, "
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; knee {model.knee}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace, config) -> int:
     from tqdm import tqdm
+
+    if args.refit:
+        return cmd_refit(Path(args.refit))
 
     from sagellm.engine import SageLLMEngine
     from sagellm.engine.calibration import default_grid, measure
@@ -71,9 +97,19 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
     print(f"calibrated {len(samples)} batch shapes x {args.repeats} repeats on {meta['machine']['cpu']} "
           f"({meta['threads']} threads), {shape.name}, {dtype}")
     print(f"held-out error ({report.num_heldout} of {len(samples)} shapes): median {report.median_error:.1%}, "
-          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}")
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; small-GEMM knee {model.knee} tokens")
     print(f"profile: {path} (+ .csv samples)")
     return 0
+
+
+@dataclass(frozen=True)
+class _Sample:
+    label: str
+    batch: object
+    median_seconds: float
+    min_seconds: float
+    max_seconds: float
+    repeats: int
 
 
 def _samples_csv(samples, model) -> str:

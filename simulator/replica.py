@@ -47,27 +47,42 @@ class Replica:
     def _run(self) -> Generator[simpy.Event, None, None]:
         env, scheduler, executor, collector = self.env, self.scheduler, self.executor, self.collector
         kv = scheduler.kv
-        sample_kv = collector.kv_sample_interval >= 0
         while True:
             if not scheduler.requests:
                 self._wakeup = env.event()
                 yield self._wakeup
                 self._wakeup = None
-            out = scheduler.schedule(env.now)
-            if not out.request_ids:
-                # Nothing fits right now (cannot happen with a live request, kept as a guard):
-                # wait for the next arrival instead of spinning.
-                self._wakeup = env.event()
-                yield self._wakeup
-                self._wakeup = None
+            # Steps that end before the next event anywhere in the simulation cannot be affected by
+            # it, so they run back to back on a local clock and SimPy sees one timeout for all of
+            # them (the same results as one timeout per step, with far fewer events).
+            now = env.now
+            horizon = env.peek()
+            while True:
+                out = scheduler.schedule(now)
+                if not out.request_ids:
+                    break
+                if self.on_step is not None:
+                    self.on_step(out)
+                result = executor.execute(out)
+                end = now + result.duration
+                if end >= horizon:
+                    yield env.timeout(end - env.now)
+                    now = env.now
+                else:
+                    now = end
+                self.num_steps += 1
+                self.busy_time += result.duration
+                for req in scheduler.update(out, result, now):
+                    collector.add(req, self.index)
+                collector.sample_kv(now, kv.usage, len(scheduler.running), len(scheduler.waiting))
+                if not scheduler.requests or now >= horizon:
+                    break
+            if now > env.now:
+                yield env.timeout(now - env.now)
+            if out.request_ids or not scheduler.requests:
                 continue
-            if self.on_step is not None:
-                self.on_step(out)
-            result = executor.execute(out)
-            yield env.timeout(result.duration)
-            self.num_steps += 1
-            self.busy_time += result.duration
-            for req in scheduler.update(out, result, env.now):
-                collector.add(req, self.index)
-            if sample_kv:
-                collector.sample_kv(env.now, kv.usage, len(scheduler.running), len(scheduler.waiting))
+            # Nothing fits right now (cannot happen with a live request, kept as a guard): wait for
+            # the next arrival instead of spinning.
+            self._wakeup = env.event()
+            yield self._wakeup
+            self._wakeup = None

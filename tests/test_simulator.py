@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 
 import pytest
 
@@ -10,6 +11,7 @@ from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core.outputs import StepResult
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
+from sagellm.graph import BatchShape
 from sagellm.metrics import RequestRecord
 from sagellm.metrics.io import write_run
 from simulator.build import build_scheduler
@@ -179,3 +181,104 @@ def test_sagellm_config_is_the_engines():
     sim = Simulation(cfg)
     limits = sim.replicas[0].scheduler.limits
     assert limits == cfg.sagellm.scheduler.limits(limits.max_model_len)
+
+
+def test_roofline_reproduces_a_hand_computed_h100_step():
+    """Llama-2-7B in float16 on H100 SXM, one decode after 999 cached tokens (1,000 attended).
+
+    Every operator is memory-bound at one token, so the step is (sum of bytes) / bandwidth /
+    efficiency + overhead. Bytes per operator, by hand (2 bytes per element, h = 4096, MLP 11008,
+    32 layers, vocabulary 32000):
+    """
+    from sagellm.core.outputs import SchedulerOutput
+    from sagellm.models.presets import model_shape
+    from simulator.cost.roofline import RooflineCostModel
+    from simulator.hardware import load_spec
+
+    per_layer = (
+        2 * (2 * 4096 + 4096)                       # input RMSNorm: read x, write y, read weight
+        + 2 * (4096 * 12288 + 4096 + 12288)         # fused QKV projection: weight, x in, q/k/v out
+        + 2 * 2 * (4096 + 4096)                     # RoPE on q and k: read and write
+        + 2 * 2 * 4096 * 2                          # write the new token's K and V
+        + 2 * (2 * 1000 * 4096 + 2 * 4096)          # attention: read 1,000 tokens of K and V, q in, out
+        + 2 * (4096 * 4096 + 4096 + 4096)           # output projection
+        + 2 * 3 * 4096                              # residual add
+        + 2 * (2 * 4096 + 4096)                     # post-attention RMSNorm
+        + 2 * (4096 * 22016 + 4096 + 22016)         # fused gate/up projection
+        + 2 * 3 * 11008                             # SiLU(gate) * up
+        + 2 * (11008 * 4096 + 11008 + 4096)         # down projection
+        + 2 * 3 * 4096                              # residual add
+    )
+    total_bytes = (
+        2 * 4096 * 2                                # embedding lookup: read and write one row
+        + 32 * per_layer
+        + 2 * (2 * 4096 + 4096)                     # final RMSNorm
+        + 2 * (4096 * 32000 + 4096 + 32000)         # LM head
+    )
+    assert total_bytes == 13_750_647_296  # 13.21 GB of weights (no embedding table), 0.52 GB of KV
+    expected = total_bytes / 3.35e12 / 0.7 + 3.0e-3  # H100 SXM: 3.35 TB/s, efficiency 0.7, 3 ms per step
+
+    spec = load_spec("h100-sxm")
+    assert (spec.memory_bandwidth, spec.efficiency, spec.step_overhead) == (3.35e12, 0.7, 3.0e-3)
+    model = RooflineCostModel(spec, model_shape("llama-2-7b"), "float16")
+    out = SchedulerOutput(1, ("r",), (999,), ((5,),), ((),), (False,), (True,))
+    assert model.step_time(out) == pytest.approx(expected, rel=1e-12)
+    assert all(row.bound == "memory" for row in model.explain(BatchShape.from_output(out)))
+
+
+def test_roofline_fast_formula_equals_operator_sum():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sagellm.core.outputs import SchedulerOutput
+    from sagellm.models.presets import model_shape
+    from simulator.cost.roofline import RooflineCostModel
+    from simulator.hardware import available_specs, load_spec
+
+    models = [RooflineCostModel(load_spec(name), model_shape(m), "bfloat16")
+              for name in available_specs() if "bfloat16" in load_spec(name).peak_flops
+              for m in ("llama-2-7b", "qwen2-7b")]
+    chunk = st.tuples(st.integers(0, 4000), st.integers(1, 600), st.booleans())
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(chunk, min_size=1, max_size=40))
+    def check(chunks):
+        out = SchedulerOutput(1, tuple(f"r{k}" for k in range(len(chunks))), tuple(c for c, _, _ in chunks),
+                              tuple((0,) * n for _, n, _ in chunks), tuple(() for _ in chunks),
+                              tuple(False for _ in chunks), tuple(s for _, _, s in chunks))
+        batch = BatchShape.from_output(out)
+        for m in models:
+            assert m.step_time(out) == pytest.approx(m.batch_time(batch), rel=1e-12)
+
+    check()
+
+
+def test_simulate_command_prints_a_summary_and_writes_results(tmp_path, capsys):
+    from sagellm.cli import main
+
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text(
+        "name: cli\nmodel: llama-2-7b\nhardware: h100-sxm\n"
+        "sagellm: {model: {dtype: bfloat16}, scheduler: {max_num_seqs: 32}}\n"
+        "workload: {num_requests: 50, arrival: {kind: gamma, rate: 4.0, cv: 2.0},"
+        " prompt_len: {kind: lognormal, median: 300, sigma: 0.8, max: 2000}, output_len: {kind: fixed, value: 20}}\n"
+        "slo: {ttft_ms: 500, tpot_ms: 50}\n"
+    )
+    out_dir = tmp_path / "out"
+    assert main(["simulate", str(cfg), "--output", str(out_dir), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "TTFT" in printed and "goodput" in printed and str(out_dir / "requests.csv") in printed
+    rows = (out_dir / "requests.csv").read_text().splitlines()
+    assert len(rows) == 51 and rows[0].startswith("request_id,replica,arrival_time")
+    summary = json.loads((out_dir / "summary.json").read_text())["summary"]
+    assert summary["num_finished"] == 50 and 0 < summary["goodput"] <= summary["request_throughput"]
+
+
+def test_simulate_command_rejects_a_bad_config(tmp_path, capsys):
+    from sagellm.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("hardware: a100-80gb-sxm\nmodel: llama-2-7b\nworkload: {num_requests: 5, arrival: "
+                   "{kind: poisson, rate: 1}, prompt_len: 10, output_len: 0}\n")
+    assert main(["simulate", str(cfg), "--quiet"]) == 2
+    assert "workload.output_len" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Profiled cost model: fitting, held-out error, files; and `sagellm calibrate` end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sagellm.core.outputs import SchedulerOutput
+from sagellm.graph import BatchShape
+from sagellm.models.presets import model_shape
+from simulator.cost.profiled import FEATURES, ProfiledCostModel, features
+
+SHAPE = model_shape("smollm2-135m")
+
+
+def _batches(rng: random.Random, n: int) -> list[BatchShape]:
+    out = []
+    for _ in range(n):
+        chunks = [(rng.randint(1, 1500), 1) for _ in range(rng.randint(0, 48))]
+        if rng.random() < 0.6 or not chunks:
+            chunks.append((rng.choice([0, 256, 1024]), rng.randint(8, 512)))
+        out.append(BatchShape.from_chunks(chunks))
+    return out
+
+
+def test_fit_recovers_a_known_linear_model_and_reports_heldout_error():
+    rng = random.Random(0)
+    truth = ProfiledCostModel(SHAPE, "float32", [0.05, 1.5e-11, 4e-11, 2e-11, 1e-11, 3e-10, 0.01, 0.0005], knee=8)
+    batches = _batches(rng, 80)
+    seconds = [truth.predict(b) * (1 + rng.gauss(0, 0.01)) for b in batches]
+    model, report = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds)
+    assert report.num_heldout == 20 and report.num_train == 60
+    assert report.median_error < 0.02 and model.knee == 8
+    for b in _batches(random.Random(1), 20):
+        assert model.predict(b) == pytest.approx(truth.predict(b), rel=0.05)
+    assert all(c >= 0 for c in model.coefficients)
+
+
+def test_heldout_error_is_measured_on_unseen_samples():
+    """A model that cannot describe the data must show it on held-out samples."""
+    rng = random.Random(2)
+    batches = _batches(rng, 60)
+    seconds = [0.01 + 0.5 * (b.num_tokens > 200) for b in batches]  # a step function: not linear
+    _, report = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds)
+    assert report.median_error > 0.05
+
+
+def test_step_time_equals_predict_and_profile_round_trips(tmp_path):
+    model = ProfiledCostModel(SHAPE, "bfloat16", [0.02, 1e-11, 3e-11, 2e-11, 3e-12, 4e-10, 0.003, 0.0002],
+                              meta={"id": "test"})
+    rng = random.Random(3)
+    for _ in range(50):
+        chunks = [(rng.randint(0, 900), rng.choice([1, 1, rng.randint(1, 300)])) for _ in range(rng.randint(1, 30))]
+        samples = tuple(rng.random() < 0.8 for _ in chunks)
+        out = SchedulerOutput(1, tuple(f"r{k}" for k in range(len(chunks))), tuple(c for c, _ in chunks),
+                              tuple((0,) * n for _, n in chunks), tuple(() for _ in chunks),
+                              tuple(False for _ in chunks), samples)
+        assert model.step_time(out) == pytest.approx(model.predict(BatchShape.from_output(out)), rel=1e-9)
+    path = tmp_path / "p.json"
+    model.save(path, "label\n")
+    loaded = ProfiledCostModel.load(path)
+    assert loaded.coefficients == model.coefficients and loaded.shape == model.shape
+    assert json.loads(path.read_text())["features"] == list(FEATURES)
+    assert path.with_suffix(".csv").read_text() == "label\n"
+
+
+def test_features_follow_the_graph():
+    decode = BatchShape.from_chunks([(100, 1)])
+    two = BatchShape.from_chunks([(100, 1), (100, 1)])
+    f1, f2 = features(SHAPE, "float32", decode), features(SHAPE, "float32", two)
+    assert f2[1] == pytest.approx(2 * f1[1])  # GEMM FLOPs scale with tokens
+    assert f2[7] == 2 and f1[6] == 0          # two decodes, no prefill chunk
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_profile_the_simulator_uses(tmp_path):
+    from sagellm.cli import main
+    from simulator.config import SimulationConfig
+    from simulator.sim import Simulation
+
+    assert main(["calibrate", "--quick", "--repeats", "1", "--quiet", "--output-dir", str(tmp_path)]) == 0
+    (profile,) = tmp_path.glob("*.json")
+    doc = json.loads(profile.read_text())
+    assert doc["heldout"]["num_heldout"] >= 1 and doc["machine"]["cpu_count"] >= 1
+    rows = profile.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("label,num_tokens") and len(rows) > 10
+    cfg = SimulationConfig.from_dict({
+        "hardware": str(profile),
+        "workload": {"num_requests": 20, "arrival": {"kind": "poisson", "rate": 2.0},
+                     "prompt_len": {"kind": "uniform", "low": 10, "high": 200}, "output_len": 16},
+    })
+    result = Simulation(cfg).run()
+    assert result.summary["num_finished"] == 20 and result.info["cost_model"].startswith("profiled(")
