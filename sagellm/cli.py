@@ -134,7 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refit", metavar="PROFILE.json", help="fit an existing profile again from its samples (no timing)")
     _add_engine_options(c)
     c.set_defaults(func=_cmd_calibrate)
+
+    e = sub.add_parser("experiment", help="run a workload on the simulator and the live engine; fidelity report")
+    esub = e.add_subparsers(dest="experiment_command", required=True)
+    er = esub.add_parser("run", help="run (or resume) an experiment file")
+    er.add_argument("file", help="experiment YAML (see docs/experiments.md)")
+    er.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in this folder")
+    er.add_argument("--results", default="results", help="results root (default: results)")
+    er.add_argument("--quiet", action="store_true", help="no progress bars")
+    er.set_defaults(func=_cmd_experiment)
     return parser
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experiments.config import ExperimentConfig
+    from experiments.runner import run_experiment
+
+    cfg = ExperimentConfig.from_yaml(args.file)
+    run_experiment(cfg, Path(args.results), Path(args.resume) if args.resume else None, progress=not args.quiet)
+    return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

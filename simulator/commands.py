@@ -58,10 +58,24 @@ def cmd_refit(path: Path) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, config) -> int:
-    from tqdm import tqdm
-
     if args.refit:
         return cmd_refit(Path(args.refit))
+    path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
+                                       output_dir=Path(args.output_dir) if args.output_dir else None,
+                                       progress=not args.quiet)
+    meta = model.meta
+    print(f"calibrated {n} batch shapes x {args.repeats} repeats on {meta['machine']['cpu']} "
+          f"({meta['threads']} threads), {model.shape.name}, {model.dtype}")
+    print(f"held-out error ({report.num_heldout} of {n} shapes): median {report.median_error:.1%}, "
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; small-GEMM knee {model.knee} tokens")
+    print(f"profile: {path} (+ .csv samples)")
+    return 0
+
+
+def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | None = None, progress: bool = True):
+    """Time the live engine on the calibration grid, fit, save. Returns (json path, model, report, samples)."""
+    import torch
+    from tqdm import tqdm
 
     from sagellm.engine import SageLLMEngine
     from sagellm.engine.calibration import default_grid, measure
@@ -70,13 +84,11 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
     engine = SageLLMEngine(config).initialize()
     try:
         grid = default_grid(engine.kv_manager.capacity_tokens)
-        if args.quick:
+        if quick:
             grid = grid[::3]
-        with tqdm(total=(args.repeats + 2) * len(grid), desc="calibrating", unit="step", disable=args.quiet) as bar:
-            samples = measure(engine, grid, repeats=args.repeats, progress=lambda d, t: bar.update(d - bar.n))
+        with tqdm(total=(repeats + 2) * len(grid), desc="calibrating", unit="step", disable=not progress) as bar:
+            samples = measure(engine, grid, repeats=repeats, progress=lambda d, t: bar.update(d - bar.n))
         shape, dtype = engine.shape, config.model.dtype
-        import torch
-
         meta = {
             "id": profile_id(shape, dtype),
             "machine": machine_identity(),
@@ -84,22 +96,16 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
             "threads": torch.get_num_threads(),
             "model_path": str(engine.model_path),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "repeats": args.repeats,
+            "repeats": repeats,
         }
-        batches = [s.batch for s in samples]
-        seconds = [s.median_seconds for s in samples]
-        model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, batches, seconds, meta=meta)
+        model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
+                                                           [s.median_seconds for s in samples], meta=meta)
         model.meta["heldout"] = report.__dict__
-        path = Path(args.output_dir or PROFILE_DIR) / f"{meta['id']}.json"
+        path = Path(output_dir or PROFILE_DIR) / f"{meta['id']}.json"
         model.save(path, _samples_csv(samples, model))
     finally:
         engine.shutdown()
-    print(f"calibrated {len(samples)} batch shapes x {args.repeats} repeats on {meta['machine']['cpu']} "
-          f"({meta['threads']} threads), {shape.name}, {dtype}")
-    print(f"held-out error ({report.num_heldout} of {len(samples)} shapes): median {report.median_error:.1%}, "
-          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; small-GEMM knee {model.knee} tokens")
-    print(f"profile: {path} (+ .csv samples)")
-    return 0
+    return path, model, report, len(samples)
 
 
 @dataclass(frozen=True)

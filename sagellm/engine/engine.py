@@ -21,6 +21,7 @@ from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
+from sagellm.metrics.records import RequestRecord
 from sagellm.models.attention import PagedKVCache
 from sagellm.models.llama import LlamaModel
 from sagellm.models.loader import load_model_weights
@@ -350,6 +351,7 @@ class SageLLMEngine:
             prompt_token_ids=pending.prompt_ids,
             metrics=RequestMetrics.from_request(req),
             error=error,
+            record=RequestRecord.from_request(req),
         )
         with self._lock:
             self._stats["finished"] += 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
+from sagellm.metrics.records import RequestRecord
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class GenerateOutput:
     prompt_token_ids: tuple[int, ...]
     metrics: RequestMetrics | None
     error: str | None = None
+    record: RequestRecord | None = None  # the same per-request schema the simulator writes
 
     @property
     def throughput_tokens_per_s(self) -> float | None:

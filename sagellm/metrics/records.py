@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from array import array
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from itertools import islice
 from operator import sub
 
@@ -65,6 +65,15 @@ class RequestRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def shifted(self, origin: float) -> RequestRecord:
+        """The same record with its absolute times measured from `origin` (e.g. a run's start)."""
+        def rel(t: float | None) -> float | None:
+            return None if t is None else t - origin
+
+        return replace(self, arrival_time=self.arrival_time - origin,
+                       first_scheduled_time=rel(self.first_scheduled_time),
+                       first_token_time=rel(self.first_token_time), finish_time=rel(self.finish_time))
 
 
 RECORD_COLUMNS = tuple(f.name for f in fields(RequestRecord))

@@ -1,0 +1,173 @@
+"""`ExperimentConfig`: one workload, one policy, on the simulator and the live engine, with sweeps.
+
+```yaml
+name: load-sweep
+description: ...
+model: null                 # preset, model path, or null (sagellm.model.model_id: the default model)
+hardware: local             # live runs need this machine: "local" (its calibrated profile)
+sides: [simulate, live]
+sagellm: {...}              # any SageLLMConfig field
+workload: {...}             # simulator.workloads.WorkloadSpec
+slo: {ttft_ms: 2000, tpot_ms: 300}
+cluster: {num_replicas: 1}  # simulate side only
+live: {repeats: 3, warmup_requests: 4}
+calibrate: true             # calibrate this machine first if no profile exists
+sweep:                      # optional grid over any field, by dotted path
+  workload.arrival.rate: [0.2, 0.4]
+  sagellm.scheduler.max_num_seqs: [16, 64]
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sagellm.config import ConfigError, build_section
+from simulator.config import SimulationConfig
+
+SIDES = ("simulate", "live")
+_SIM_KEYS = ("name", "model", "hardware", "sagellm", "cluster", "workload", "slo", "memory_utilization",
+             "kv_sample_interval")
+_KEYS = (*_SIM_KEYS, "description", "sides", "live", "sweep", "calibrate")
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Live side: `repeats` runs of the trace per point (fidelity uses their median),
+    `warmup_requests` short requests first, `timeout_s` per run."""
+
+    repeats: int = 3
+    warmup_requests: int = 4
+    timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.repeats <= 0:
+            raise ConfigError(f"live.repeats: must be > 0, got {self.repeats}")
+        if self.warmup_requests < 0:
+            raise ConfigError(f"live.warmup_requests: must be >= 0, got {self.warmup_requests}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"live.timeout_s: must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep: its index, the overrides (dotted path -> value) and the config they give."""
+
+    index: int
+    overrides: dict[str, Any]
+    simulation: SimulationConfig
+
+    @property
+    def slug(self) -> str:
+        if not self.overrides:
+            return f"{self.index:03d}"
+        parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.overrides.items()]
+        return f"{self.index:03d}_" + "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated experiment; `raw` is the file's mapping, `points` the expanded sweep."""
+
+    name: str
+    description: str
+    sides: tuple[str, ...]
+    live: LiveConfig
+    calibrate: bool
+    sweep: dict[str, list[Any]]
+    points: tuple[SweepPoint, ...]
+    raw: dict[str, Any] = field(repr=False)
+    base_dir: Path = Path(".")
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: str | Path = ".") -> ExperimentConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"experiment: expected a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_KEYS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown key; allowed top-level keys: {sorted(_KEYS)}")
+        name = data.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"name: a non-empty name without '/' is required, got {name!r}")
+        sides = data.get("sides", list(SIDES))
+        if not isinstance(sides, list) or not sides or len(set(sides)) != len(sides):
+            raise ConfigError(f"sides: a non-empty list of distinct sides from {SIDES}, got {sides!r}")
+        for s in sides:
+            if s not in SIDES:
+                raise ConfigError(f"sides: unknown side {s!r}; allowed: {list(SIDES)}")
+        live = build_section(LiveConfig, data.get("live") or {}, "live.")
+        calibrate = data.get("calibrate", True)
+        if not isinstance(calibrate, bool):
+            raise ConfigError(f"calibrate: expected true or false, got {calibrate!r}")
+        sweep = data.get("sweep") or {}
+        if not isinstance(sweep, dict):
+            raise ConfigError("sweep: expected a mapping of dotted field paths to lists of values")
+        for key, values in sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
+            if key.split(".", 1)[0] not in _SIM_KEYS or key.split(".", 1)[0] == "name":
+                raise ConfigError(f"sweep.{key}: can only vary fields under {sorted(set(_SIM_KEYS) - {'name'})}")
+        base = {k: v for k, v in data.items() if k in _SIM_KEYS}
+        points = []
+        keys = list(sweep)
+        for index, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):
+            overrides = dict(zip(keys, combo))
+            point = copy.deepcopy(base)
+            for key, value in overrides.items():
+                _set_path(point, key, value)
+            try:
+                sim = SimulationConfig.from_dict(point, base_dir)
+            except ConfigError as exc:
+                where = f" (sweep point {overrides})" if overrides else ""
+                raise ConfigError(f"{exc}{where}") from exc
+            points.append(SweepPoint(index, overrides, sim))
+        cfg = cls(name, str(data.get("description", "")), tuple(sides), live, calibrate, sweep, tuple(points),
+                  data, Path(base_dir))
+        cfg._check_live()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"experiment file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"experiment file {str(p)!r} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data, p.parent)
+
+    def _check_live(self) -> None:
+        if "live" not in self.sides:
+            return
+        for point in self.points:
+            sim = point.simulation
+            hw = sim.hardware
+            if hw != "local" and not hw.endswith(".json"):
+                raise ConfigError(
+                    f"hardware: {hw!r} is a roofline device this machine cannot run, so the live side is "
+                    "impossible; use hardware: local (this machine's calibrated profile) or sides: [simulate]"
+                )
+            if sim.cluster.num_replicas != 1:
+                raise ConfigError("cluster.num_replicas: the live side runs one engine; use 1 or sides: [simulate]")
+            if sim.model is not None and sim.model != sim.sagellm.model.model_id and not Path(sim.model).exists():
+                raise ConfigError(f"model: {sim.model!r} is a shape preset without weights; the live side needs "
+                                  "a model path (or null for the default model)")
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        nxt = d.get(k)
+        if nxt is None:
+            nxt = d[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"sweep.{dotted}: {k!r} is not a mapping in the experiment")
+        d = nxt
+    d[keys[-1]] = value

@@ -1,0 +1,76 @@
+"""The results folder of an experiment run: writing each side's output and reading a run back.
+
+```
+results/<name>/<UTC time>/
+  manifest.json           resolved config, git revision, hardware, package versions, seed, points
+  summary.csv             one row per point and side (live: one row per repeat) with every metric
+  fidelity.csv            one row per point and metric: predicted, measured (median), spread, error
+  points/<point>/simulate/{requests.parquet, summary.json, kv_usage.csv}
+  points/<point>/live-<r>/{requests.parquet, summary.json}
+  points/<point>/done.json   written last: the point is complete (a resumed run skips it)
+  plots/*.png
+```
+Notebooks read only this folder, through `load_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sagellm.metrics.io import _jsonable
+from sagellm.metrics.records import RECORD_COLUMNS, RequestRecord
+
+
+def write_side(directory: Path, records: list[RequestRecord], summary: dict[str, Any],
+               info: dict[str, Any] | None = None, kv_usage: list | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([r.to_dict() for r in records], columns=list(RECORD_COLUMNS))
+    frame.to_parquet(directory / "requests.parquet", index=False)
+    doc = {"summary": _jsonable(summary), "info": _jsonable(info or {})}
+    (directory / "summary.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    if kv_usage is not None:
+        pd.DataFrame(kv_usage, columns=["time", "kv_usage", "num_running", "num_waiting"]).to_csv(
+            directory / "kv_usage.csv", index=False)
+
+
+@dataclass
+class RunData:
+    """A run read back: manifest, summary and fidelity tables, and where its points live."""
+
+    path: Path
+    manifest: dict[str, Any]
+    summary: pd.DataFrame
+    fidelity: pd.DataFrame
+
+    def requests(self, point: str, side: str) -> pd.DataFrame:
+        """Per-request records of one point and side ("simulate", "live-0", ...)."""
+        return pd.read_parquet(self.path / "points" / point / side / "requests.parquet")
+
+    @property
+    def points(self) -> list[str]:
+        return [p["slug"] for p in self.manifest["points"]]
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run folder; `path` may also be `results/<name>`, meaning its newest run."""
+    path = Path(path)
+    if not (path / "manifest.json").exists():
+        runs = sorted(p for p in path.glob("*/") if (p / "manifest.json").exists()) if path.is_dir() else []
+        if not runs:
+            raise FileNotFoundError(f"{path}: no experiment run here (no manifest.json)")
+        path = runs[-1]
+    manifest = json.loads((path / "manifest.json").read_text())
+    summary, fidelity = _read_csv(path / "summary.csv"), _read_csv(path / "fidelity.csv")
+    return RunData(path, manifest, summary, fidelity)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A table, or an empty one when the file is missing or has no rows."""
+    if not path.exists() or not path.read_text().strip():
+        return pd.DataFrame()
+    return pd.read_csv(path)

@@ -1,0 +1,220 @@
+"""Runs an experiment: every sweep point on every side, results to `results/<name>/<UTC time>/`.
+
+A run can be resumed (`resume=` the run folder): points with a `done.json` are read back, not
+redone. Live points share one engine while the engine's settings stay the same.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.config import ExperimentConfig, SweepPoint
+from experiments.fidelity import compare, format_table
+from experiments.results import write_side
+from sagellm.config import ConfigError
+from sagellm.metrics.io import format_summary
+from simulator.workloads import generate
+
+PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarrow", "matplotlib")
+
+
+def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), resume: Path | None = None,
+                   echo: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Run (or resume) `cfg`; returns the run folder. Prints each point's summary and fidelity table."""
+    if resume is not None:
+        run_dir = Path(resume)
+        old = run_dir / "manifest.json"
+        if not old.exists():
+            raise ConfigError(f"resume: {run_dir} is not a run folder (no manifest.json)")
+        if json.loads(old.read_text())["config"] != _jsonable_config(cfg.raw):
+            raise ConfigError(f"resume: the experiment file changed since {run_dir} started; start a new run")
+    else:
+        run_dir = Path(results_root) / cfg.name / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "manifest.json").write_text(json.dumps(_manifest(cfg), indent=2, sort_keys=True) + "\n")
+    if "simulate" in cfg.sides:
+        _ensure_profiles(cfg, echo)
+
+    live = _LivePool(cfg)
+    rows: list[dict[str, Any]] = []
+    fidelity_rows: list[dict[str, Any]] = []
+    try:
+        for point in cfg.points:
+            pdir = run_dir / "points" / point.slug
+            done = pdir / "done.json"
+            if done.exists():
+                echo(f"[{point.slug}] done earlier, skipped")
+                doc = json.loads(done.read_text())
+            else:
+                doc = _run_point(cfg, point, pdir, live, echo, progress)
+                done.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            base = {"point": point.slug, **point.overrides}
+            for side in doc["sides"]:
+                rows.append({**base, "side": side["side"], "repeat": side["repeat"], **side["summary"]})
+            fidelity_rows += [{**base, **f} for f in doc.get("fidelity", [])]
+    finally:
+        live.close()
+    pd.DataFrame(rows).to_csv(run_dir / "summary.csv", index=False)
+    if fidelity_rows:
+        pd.DataFrame(fidelity_rows).to_csv(run_dir / "fidelity.csv", index=False)
+    try:
+        from experiments.plots import write_plots
+
+        for p in write_plots(run_dir):
+            echo(f"plot: {p}")
+    except ImportError:
+        pass
+    echo(f"results: {run_dir}")
+    return run_dir
+
+
+def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _LivePool,
+               echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    from simulator.sim import Simulation
+
+    sim_cfg = point.simulation
+    title = f"[{point.slug}]"
+    sides: list[dict[str, Any]] = []
+    predicted = None
+    if "simulate" in cfg.sides:
+        result = Simulation(sim_cfg).run(progress=progress)
+        write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
+        predicted = result.summary
+        sides.append({"side": "simulate", "repeat": -1, "summary": _clean(result.summary)})
+        echo(format_summary(result.summary, f"{title} simulated ({result.info['cost_model']})"))
+    measured = []
+    if "live" in cfg.sides:
+        trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
+        runner = live.get(sim_cfg)
+        for r in range(cfg.live.repeats):
+            res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
+            write_side(pdir / f"live-{r}", res.records, res.summary, res.info)
+            measured.append(res.summary)
+            sides.append({"side": "live", "repeat": r, "summary": _clean(res.summary)})
+            echo(f"{title} live run {r + 1}/{cfg.live.repeats}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
+                 f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, "
+                 f"{res.summary['request_throughput']:.3f} req/s")
+    doc: dict[str, Any] = {"point": point.slug, "overrides": point.overrides, "sides": sides}
+    if predicted is not None and measured:
+        table = compare(predicted, measured)
+        doc["fidelity"] = [_clean(r.to_dict()) for r in table]
+        pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
+        echo(format_table(table, f"{title} predicted vs measured (median of {len(measured)} live runs)"))
+    return doc
+
+
+class _LivePool:
+    """One live engine at a time, rebuilt when a point changes the engine's settings."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.key: str | None = None
+        self.runner = None
+
+    def get(self, sim_cfg):
+        from experiments.live import LiveRunner
+
+        engine_cfg = sim_cfg.sagellm
+        if sim_cfg.model is not None:
+            engine_cfg = engine_cfg.replace(model={"model_id": str(_model_path(sim_cfg))})
+        key = json.dumps(engine_cfg.to_dict(), sort_keys=True)
+        if key != self.key:
+            self.close()
+            self.runner = LiveRunner(engine_cfg)
+            self.runner.warmup(self.cfg.live.warmup_requests)
+            self.key = key
+        return self.runner
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+            self.key = None
+
+
+def _model_path(sim_cfg) -> Path:
+    p = Path(sim_cfg.model).expanduser()
+    return p if p.is_absolute() or p.exists() else sim_cfg.base_dir / p
+
+
+def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None:
+    """Calibrate this machine for each (model, dtype) that a `local` point needs and lacks."""
+    from simulator.build import resolve_shape
+    from simulator.commands import calibrate
+    from simulator.cost.profiled import find_local_profile
+
+    seen = set()
+    for point in cfg.points:
+        sim = point.simulation
+        if sim.hardware != "local":
+            continue
+        shape = resolve_shape(sim.model, sim.sagellm, sim.base_dir)
+        key = (shape, sim.sagellm.model.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            find_local_profile(shape, sim.sagellm.model.dtype)
+        except ConfigError:
+            if not cfg.calibrate:
+                raise
+            echo(f"no calibrated profile of this machine for {shape.name or 'the model'} in "
+                 f"{sim.sagellm.model.dtype}: calibrating (a few minutes, once)")
+            engine_cfg = sim.sagellm
+            if sim.model is not None:
+                engine_cfg = engine_cfg.replace(model={"model_id": str(_model_path(sim))})
+            path, _, report, _ = calibrate(engine_cfg)
+            echo(f"profile: {path} (held-out median error {report.median_error:.1%})")
+
+
+def _manifest(cfg: ExperimentConfig) -> dict[str, Any]:
+    from simulator.cost.profiled import machine_identity
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "name": cfg.name,
+        "description": cfg.description,
+        "sides": list(cfg.sides),
+        "sweep": cfg.sweep,
+        "points": [{"index": p.index, "slug": p.slug, "overrides": p.overrides,
+                    "seed": p.simulation.workload.seed} for p in cfg.points],
+        "config": _jsonable_config(cfg.raw),
+        "git_revision": _git_revision(),
+        "machine": {**machine_identity(), "python": platform.python_version()},
+        "versions": versions,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _jsonable_config(raw: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    from sagellm.metrics.io import _jsonable
+
+    return _jsonable(d)
