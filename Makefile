@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sagellm-installed
 PROMPT ?= Explain in two sentences what a KV cache is.
 
-.PHONY: demo test bench lint info clean-venv
+.PHONY: demo chat test bench lint info clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The quickstart: calibrate this machine if no profile matches it, run experiments/quickstart.yaml on the
+# simulator and the live engine, print the fidelity table and say where the plots are.
 demo: $(STAMP)
+	$(VENV)/bin/sagellm experiment run experiments/quickstart.yaml
+
+chat: $(STAMP)
 	$(VENV)/bin/sagellm generate "$(PROMPT)" --max-new-tokens 96
 
 test: $(STAMP)

@@ -40,13 +40,22 @@ _KEYS = (*_SIM_KEYS, "description", "sides", "live", "sweep", "calibrate")
 @dataclass(frozen=True)
 class LiveConfig:
     """Live side: `repeats` runs of the trace per point (fidelity uses their median),
-    `warmup_requests` short requests first, `timeout_s` per run."""
+    `warmup_requests` short requests first, `timeout_s` per run. On a shared VM the hypervisor can
+    take CPU from this machine mid-run ("steal" time in /proc/stat); a run that lost more than
+    `max_cpu_steal` of its CPU time is kept on disk but not counted, and run again, at most
+    `max_attempts` times per point in all (null: count every run)."""
 
     repeats: int = 3
     warmup_requests: int = 4
     timeout_s: float = 1800.0
+    max_cpu_steal: float | None = None
+    max_attempts: int = 10
 
     def __post_init__(self) -> None:
+        if self.max_cpu_steal is not None and not 0 < self.max_cpu_steal <= 1:
+            raise ConfigError(f"live.max_cpu_steal: must be in (0, 1] or null, got {self.max_cpu_steal}")
+        if self.max_attempts < self.repeats:
+            raise ConfigError(f"live.max_attempts: must be >= live.repeats ({self.repeats}), got {self.max_attempts}")
         if self.repeats <= 0:
             raise ConfigError(f"live.repeats: must be > 0, got {self.repeats}")
         if self.warmup_requests < 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -52,36 +51,29 @@ class LiveRunner:
             ])
 
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:
-        outputs, start = asyncio.run(asyncio.wait_for(self._replay(trace), timeout_s))
+        from sagellm.engine import GenerateRequest
+        from sagellm.engine.replay import replay
+
+        timed = [
+            (tr.arrival_time, GenerateRequest(prompt_token_ids=tuple(prompt_token_ids(tr, self.vocab_size, i)),
+                                              request_id=tr.request_id, max_new_tokens=tr.output_len,
+                                              temperature=0.0, ignore_eos=True))
+            for i, tr in enumerate(trace)
+        ]
+        from sagellm.backends.cpu_time import CpuTimes, steal_fraction
+
+        cpu_before = CpuTimes.read()
+        outputs, start = replay(self.engine, timed, timeout_s)
+        steal = steal_fraction(cpu_before, CpuTimes.read())
         bad = [o for o in outputs if o.finish_reason in ("error", "abort")]
         if bad:
             raise RuntimeError(f"live run: {len(bad)} request(s) failed, first: {bad[0].request_id}: {bad[0].error}")
-        records, itls = [], array("d")
-        for o in outputs:
-            records.append(o.record.shifted(start))
-        # Inter-token latencies from the engine's token times (identical on every clock).
+        records = [o.record.shifted(start) for o in outputs]
+        itls = array("d")
         for o in outputs:
             itls.extend(o.metrics.inter_token_latencies)
         summary = summarize(records, itls, slo)
-        return LiveResult(records, itls, summary, {"engine_stats": self.engine.get_stats()})
-
-    async def _replay(self, trace: list[TraceRequest]) -> tuple[list, float]:
-        from sagellm.engine import GenerateRequest
-
-        requests = [
-            GenerateRequest(prompt_token_ids=tuple(prompt_token_ids(tr, self.vocab_size, i)),
-                            request_id=tr.request_id, max_new_tokens=tr.output_len, temperature=0.0,
-                            ignore_eos=True)
-            for i, tr in enumerate(trace)
-        ]
-        start = time.monotonic()
-        tasks = []
-        for tr, req in zip(trace, requests):
-            delay = start + tr.arrival_time - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self.engine.generate_async(req)))
-        return await asyncio.gather(*tasks), start
+        return LiveResult(records, itls, summary, {"engine_stats": self.engine.get_stats(), "cpu_steal": steal})
 
     def close(self) -> None:
         self.engine.shutdown()

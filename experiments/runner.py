@@ -59,7 +59,8 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
                 done.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
             base = {"point": point.slug, **point.overrides}
             for side in doc["sides"]:
-                rows.append({**base, "side": side["side"], "repeat": side["repeat"], **side["summary"]})
+                rows.append({**base, "side": side["side"], "repeat": side["repeat"], "cpu_steal": side.get("cpu_steal"),
+                             **side["summary"]})
             fidelity_rows += [{**base, **f} for f in doc.get("fidelity", [])]
     finally:
         live.close()
@@ -95,14 +96,27 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     if "live" in cfg.sides:
         trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
         runner = live.get(sim_cfg)
-        for r in range(cfg.live.repeats):
+        limit = cfg.live.max_cpu_steal
+        attempt = 0
+        while len(measured) < cfg.live.repeats:
+            if attempt >= cfg.live.max_attempts:
+                raise RuntimeError(
+                    f"{title} only {len(measured)} of {cfg.live.repeats} live runs lost less than {limit:.0%} of their "
+                    f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
-            write_side(pdir / f"live-{r}", res.records, res.summary, res.info)
-            measured.append(res.summary)
-            sides.append({"side": "live", "repeat": r, "summary": _clean(res.summary)})
-            echo(f"{title} live run {r + 1}/{cfg.live.repeats}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
-                 f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, "
-                 f"{res.summary['request_throughput']:.3f} req/s")
+            steal = res.info.get("cpu_steal")
+            counted = limit is None or steal is None or steal <= limit
+            r = len(measured)
+            name = f"live-{r}" if counted else f"rejected-{attempt}"
+            write_side(pdir / name, res.records, res.summary, res.info)
+            attempt += 1
+            echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
+                 f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
+                 + ("" if steal is None else f", CPU stolen by other VMs {steal:.1%}")
+                 + ("" if counted else f" > {limit:.0%}: not counted, run again"))
+            if counted:
+                measured.append(res.summary)
+                sides.append({"side": "live", "repeat": r, "cpu_steal": steal, "summary": _clean(res.summary)})
     doc: dict[str, Any] = {"point": point.slug, "overrides": point.overrides, "sides": sides}
     if predicted is not None and measured:
         table = compare(predicted, measured)

@@ -49,11 +49,13 @@ def cmd_refit(path: Path) -> int:
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
                                                          "repeats")}
     model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
-                                                       [s.median_seconds for s in samples], meta=meta)
+                                                       [s.median_seconds for s in samples], meta=meta,
+                                                       in_situ=[s.label == "in situ" for s in samples])
     model.meta["heldout"] = report.__dict__
     model.save(path, _samples_csv(samples, model))
-    print(f"refitted {path.name} on {len(samples)} samples: held-out median {report.median_error:.1%}, "
-          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; knee {model.knee}")
+    print(f"refitted {path.name} on {len(samples)} samples: held-out grid shapes median {report.median_error:.1%}, "
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; in-situ serving steps median "
+          f"{report.in_situ_median_error:.1%} (validation only)")
     return 0
 
 
@@ -64,10 +66,12 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
                                        output_dir=Path(args.output_dir) if args.output_dir else None,
                                        progress=not args.quiet)
     meta = model.meta
-    print(f"calibrated {n} batch shapes x {args.repeats} repeats on {meta['machine']['cpu']} "
+    print(f"calibrated on {n} samples (grid shapes x {args.repeats} repeats, and steps of a short live run) "
+          f"on {meta['machine']['cpu']} "
           f"({meta['threads']} threads), {model.shape.name}, {model.dtype}")
-    print(f"held-out error ({report.num_heldout} of {n} shapes): median {report.median_error:.1%}, "
-          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; small-GEMM knee {model.knee} tokens")
+    print(f"held-out error on {report.num_heldout} grid shapes: median {report.median_error:.1%}, "
+          f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; on {report.in_situ_heldout} in-situ steps: "
+          f"median {report.in_situ_median_error:.1%} (validation only)")
     print(f"profile: {path} (+ .csv samples)")
     return 0
 
@@ -78,7 +82,7 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
     from tqdm import tqdm
 
     from sagellm.engine import SageLLMEngine
-    from sagellm.engine.calibration import default_grid, measure
+    from sagellm.engine.calibration import default_grid, measure, measure_in_situ
     from simulator.cost.profiled import PROFILE_DIR, ProfiledCostModel, machine_identity, profile_id
 
     engine = SageLLMEngine(config).initialize()
@@ -88,6 +92,8 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             grid = grid[::3]
         with tqdm(total=(repeats + 2) * len(grid), desc="calibrating", unit="step", disable=not progress) as bar:
             samples = measure(engine, grid, repeats=repeats, progress=lambda d, t: bar.update(d - bar.n))
+        if not quick:
+            samples += measure_in_situ(engine)
         shape, dtype = engine.shape, config.model.dtype
         meta = {
             "id": profile_id(shape, dtype),
@@ -99,7 +105,8 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             "repeats": repeats,
         }
         model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
-                                                           [s.median_seconds for s in samples], meta=meta)
+                                                           [s.median_seconds for s in samples], meta=meta,
+                                                           in_situ=[s.label == "in situ" for s in samples])
         model.meta["heldout"] = report.__dict__
         path = Path(output_dir or PROFILE_DIR) / f"{meta['id']}.json"
         model.save(path, _samples_csv(samples, model))

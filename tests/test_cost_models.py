@@ -10,7 +10,7 @@ import pytest
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.graph import BatchShape
 from sagellm.models.presets import model_shape
-from simulator.cost.profiled import FEATURES, ProfiledCostModel, features
+from simulator.cost.profiled import FEATURES, KNOTS, ProfiledCostModel, features, token_basis
 
 SHAPE = model_shape("smollm2-135m")
 
@@ -25,31 +25,46 @@ def _batches(rng: random.Random, n: int) -> list[BatchShape]:
     return out
 
 
-def test_fit_recovers_a_known_linear_model_and_reports_heldout_error():
+def _truth() -> ProfiledCostModel:
+    """A plausible machine: token time rising steeply to 4 tokens, then about linearly."""
+    token_values = [0.05 + 0.0018 * k + (0.03 if k >= 4 else 0.0) for k in KNOTS]
+    return ProfiledCostModel(SHAPE, "float32", [*token_values, 2e-11, 1e-11, 3e-10, 0.01, 0.0005])
+
+
+def test_fit_recovers_a_known_model_and_reports_heldout_error():
     rng = random.Random(0)
-    truth = ProfiledCostModel(SHAPE, "float32", [0.05, 1.5e-11, 4e-11, 2e-11, 1e-11, 3e-10, 0.01, 0.0005], knee=8)
-    batches = _batches(rng, 80)
+    truth = _truth()
+    batches = _batches(rng, 120)
     seconds = [truth.predict(b) * (1 + rng.gauss(0, 0.01)) for b in batches]
     model, report = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds)
-    assert report.num_heldout == 20 and report.num_train == 60
-    assert report.median_error < 0.02 and model.knee == 8
+    assert report.num_heldout == 30 and report.num_train == 90
+    assert report.median_error < 0.02
     for b in _batches(random.Random(1), 20):
         assert model.predict(b) == pytest.approx(truth.predict(b), rel=0.05)
     assert all(c >= 0 for c in model.coefficients)
+    for t in (1, 3, 4, 5, 100, 700):
+        assert model.token_time(t) == pytest.approx(truth.token_time(t), rel=0.1)
+
+
+def test_token_basis_interpolates_between_knots_and_extrapolates_proportionally():
+    assert token_basis(0) == [0.0] * len(KNOTS)
+    assert sum(token_basis(5)) == pytest.approx(1.0)
+    assert token_basis(5)[KNOTS.index(4)] == pytest.approx(0.5) and token_basis(5)[KNOTS.index(6)] == pytest.approx(0.5)
+    assert token_basis(1024)[-1] == pytest.approx(2.0)
 
 
 def test_heldout_error_is_measured_on_unseen_samples():
     """A model that cannot describe the data must show it on held-out samples."""
     rng = random.Random(2)
     batches = _batches(rng, 60)
-    seconds = [0.01 + 0.5 * (b.num_tokens > 200) for b in batches]  # a step function: not linear
+    seconds = [0.01 + 0.5 * (b.num_seqs % 2) for b in batches]  # depends on odd/even request counts: no feature sees it
     _, report = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds)
     assert report.median_error > 0.05
 
 
 def test_step_time_equals_predict_and_profile_round_trips(tmp_path):
-    model = ProfiledCostModel(SHAPE, "bfloat16", [0.02, 1e-11, 3e-11, 2e-11, 3e-12, 4e-10, 0.003, 0.0002],
-                              meta={"id": "test"})
+    model = ProfiledCostModel(SHAPE, "bfloat16", [0.02 + 0.001 * k for k in KNOTS] + [2e-11, 3e-12, 4e-10, 0.003,
+                                                                                       0.0002], meta={"id": "test"})
     rng = random.Random(3)
     for _ in range(50):
         chunks = [(rng.randint(0, 900), rng.choice([1, 1, rng.randint(1, 300)])) for _ in range(rng.randint(1, 30))]
@@ -70,8 +85,10 @@ def test_features_follow_the_graph():
     decode = BatchShape.from_chunks([(100, 1)])
     two = BatchShape.from_chunks([(100, 1), (100, 1)])
     f1, f2 = features(SHAPE, "float32", decode), features(SHAPE, "float32", two)
-    assert f2[1] == pytest.approx(2 * f1[1])  # GEMM FLOPs scale with tokens
-    assert f2[7] == 2 and f1[6] == 0          # two decodes, no prefill chunk
+    names = dict(zip(FEATURES, f2))
+    assert names["tokens_2"] == 1.0 and f1[0] == 1.0          # token basis at 2 and 1 tokens
+    assert names["attention_flops"] == pytest.approx(2 * dict(zip(FEATURES, f1))["attention_flops"])
+    assert names["decodes"] == 2 and names["prefill_chunks"] == 0
 
 
 @pytest.mark.slow

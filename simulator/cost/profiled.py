@@ -1,16 +1,19 @@
 """Profiled cost model: step time fitted to the live engine's measured steps on this machine.
 
-Model: step_time = c0 + sum_k c_k * feature_k(batch), with non-negative coefficients fitted by
-least squares on relative error, where the features come from the execution graph:
-GEMM FLOPs (projections and MLP), the same FLOPs for at most `knee` tokens (small GEMMs run at a
-lower efficiency than large ones: on this CPU one to two rows cost about the same, then each row up
-to about eight costs several times what it does in a large batch), LM-head FLOPs (rows that
-sample), attention FLOPs (causal query-key pairs), KV bytes read by attention, and counts of
-prefill chunks and decodes (per-request work outside the kernels: metadata, gathers, sampling).
-Each feature scales with the work it names, so the fit extrapolates along the same physical terms
-the roofline model uses. The knee is chosen from a few candidates by the fit on training samples.
-All features but the small-GEMM one are linear in `BatchShape`, so `step_time` is seven
-multiply-adds and a `min`.
+Model, with non-negative coefficients fitted by least squares on relative error:
+
+    step_time = g(num_tokens)                      token-parallel work: projections, MLP, norms
+              + c_head * LM-head FLOPs              rows that sample
+              + c_attn * attention FLOPs            causal (query, key) pairs
+              + c_kv   * KV bytes read              each request's context
+              + c_pf * prefill chunks + c_dec * decodes   per-request work outside the kernels
+
+`g` is piecewise linear in the number of tokens, with knots at KNOTS (1, 2, 3, 4, 6, 8, 12, 16,
+32, ... 512) and proportional to tokens beyond the last. A linear `g` was tried first: on this CPU a
+GEMM over one to three rows costs about the same, four rows cost about 60% more (the BLAS library
+switches kernels), and the cost per row falls again up to tens of rows. A line cannot follow that,
+and it left 6% median error; the knots do (see docs/simulator.md). The other terms come from the
+execution graph (`sagellm.graph`), so they scale with the work they name.
 
 A profile is two files in `simulator/hardware/profiles/`: `<id>.csv` (the samples) and
 `<id>.json` (machine and model identity, dtype, coefficients, held-out error).
@@ -23,6 +26,7 @@ import os
 import platform
 import random
 import statistics
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,26 +38,43 @@ from sagellm.graph.batch import batch_vector
 from sagellm.models.shape import ModelShape
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware" / "profiles"
-FEATURES = ("intercept", "gemm_flops", "gemm_flops_small_batch", "lm_head_flops", "attention_flops", "kv_bytes",
-            "prefill_chunks", "decodes")
-KNEES = (2, 4, 8, 16, 32)
+KNOTS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)
+FEATURES = (*(f"tokens_{k}" for k in KNOTS), "lm_head_flops", "attention_flops", "kv_bytes", "prefill_chunks",
+            "decodes")
+_NUM_KNOTS = len(KNOTS)
 _BATCH_FIELDS = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
 
 
-def features(shape: ModelShape, dtype: str, batch: BatchShape, knee: int = 8) -> list[float]:
-    """The model's regressors for one batch (see module docstring), from `sagellm.graph`."""
-    ops = step_operators(shape, batch, dtype)
-    gemm = head = attn_flops = kv_bytes = 0.0
-    for o in ops:
+def token_basis(num_tokens: int) -> list[float]:
+    """Piecewise-linear (hat) basis over KNOTS at `num_tokens`; the last one keeps rising linearly
+    past the last knot (time proportional to tokens), and everything is 0 at 0 tokens."""
+    basis = [0.0] * _NUM_KNOTS
+    t = num_tokens
+    if t <= 0:
+        return basis
+    if t <= KNOTS[0]:
+        basis[0] = t / KNOTS[0]
+        return basis
+    if t >= KNOTS[-1]:
+        basis[-1] = t / KNOTS[-1]
+        return basis
+    j = bisect_right(KNOTS, t) - 1
+    lo, hi = KNOTS[j], KNOTS[j + 1]
+    w = (t - lo) / (hi - lo)
+    basis[j], basis[j + 1] = 1.0 - w, w
+    return basis
+
+
+def features(shape: ModelShape, dtype: str, batch: BatchShape) -> list[float]:
+    """The model's regressors for one batch (see module docstring)."""
+    head = attn_flops = kv_bytes = 0.0
+    for o in step_operators(shape, batch, dtype):
         if o.name == "lm_head":
             head += o.total_flops
-        elif o.kind == "gemm":
-            gemm += o.total_flops
         elif o.kind == "attention":
             attn_flops += o.total_flops
             kv_bytes += o.total_bytes
-    small = gemm / batch.num_tokens * min(batch.num_tokens, knee) if batch.num_tokens else 0.0
-    return [1.0, gemm, small, head, attn_flops, kv_bytes, float(batch.num_seqs - batch.num_decodes),
+    return [*token_basis(batch.num_tokens), head, attn_flops, kv_bytes, float(batch.num_seqs - batch.num_decodes),
             float(batch.num_decodes)]
 
 
@@ -89,13 +110,17 @@ def profile_id(shape: ModelShape, dtype: str, device: str = "cpu") -> str:
 
 @dataclass(frozen=True)
 class FitReport:
-    """Relative errors |pred - measured| / measured of a fit on samples it did not see."""
+    """Relative errors |pred - measured| / measured of a fit on grid samples it did not see (each
+    the median of repeated timings), and the median error on single steps timed during live serving
+    (never fitted), whose own noise and the machine's drift (several %) set a floor under it."""
 
     num_train: int
     num_heldout: int
     median_error: float
     p90_error: float
     max_error: float
+    in_situ_heldout: int = 0
+    in_situ_median_error: float = float("nan")
 
 
 class ProfiledCostModel:
@@ -106,37 +131,37 @@ class ProfiledCostModel:
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
-                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0, knee: int = 8) -> None:
+                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0) -> None:
         if len(coefficients) != len(FEATURES):
             raise ValueError(f"expected {len(FEATURES)} coefficients {FEATURES}, got {len(coefficients)}")
-        if knee <= 0:
-            raise ValueError(f"knee must be > 0, got {knee}")
-        self.shape, self.dtype, self.knee = shape, dtype, knee
+        self.shape, self.dtype = shape, dtype
         self.coefficients = [float(c) for c in coefficients]
         self.meta = meta or {}
         self.copy_bandwidth, self.copy_latency = copy_bandwidth, copy_latency
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
-        # All features but the small-GEMM one are linear in BatchShape: fold their coefficients into
-        # one weight per batch field; the small-GEMM term is a weight times min(tokens, knee).
-        linear = list(self.coefficients)
-        linear[2] = 0.0
-        self._small_gemm = self.coefficients[2] * features(shape, dtype, BatchShape(num_tokens=1), knee)[1]
-        self._intercept = linear[0]
-        base = _dot(linear, features(shape, dtype, BatchShape(), knee))
+        # The non-token features are linear in BatchShape: fold them into one weight per batch field.
+        rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
+        self._token_values = self.coefficients[:_NUM_KNOTS]
         self._weights = []
         for j in range(len(_BATCH_FIELDS)):
             unit = [0] * len(_BATCH_FIELDS)
             unit[j] = 1
-            self._weights.append(_dot(linear, features(shape, dtype, BatchShape(*unit), knee)) - base)
+            f = features(shape, dtype, BatchShape(*unit))
+            f[:_NUM_KNOTS] = [0.0] * _NUM_KNOTS
+            self._weights.append(_dot(rest, f))
+
+    def token_time(self, num_tokens: int) -> float:
+        """g(num_tokens): the fitted token-parallel time."""
+        return _dot(self._token_values, token_basis(num_tokens))
 
     def predict(self, batch: BatchShape) -> float:
-        return _dot(self.coefficients, features(self.shape, self.dtype, batch, self.knee))
+        return _dot(self.coefficients, features(self.shape, self.dtype, batch))
 
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
             return 0.0
         x = batch_vector(out)
-        t = self._intercept + self._small_gemm * min(x[0], self.knee)
+        t = self.token_time(x[0])
         for w, v in zip(self._weights, x):
             t += w * v
         return t
@@ -148,40 +173,44 @@ class ProfiledCostModel:
     @classmethod
     def fit(cls, shape: ModelShape, dtype: str, batches: list[BatchShape], seconds: list[float],
             meta: dict[str, Any] | None = None) -> ProfiledCostModel:
-        """Non-negative least squares on relative error (rows scaled by 1 / measured time), for each
-        candidate knee; keeps the knee whose fit has the smallest median relative error."""
+        """Non-negative least squares on relative error (rows scaled by 1 / measured time)."""
         import numpy as np
         from scipy.optimize import nnls
 
-        if len(batches) != len(seconds) or len(batches) < len(FEATURES):
-            raise ValueError(f"need at least {len(FEATURES)} samples with times, got {len(batches)}")
+        if len(batches) != len(seconds) or len(batches) < 2 * len(FEATURES) // 3:
+            raise ValueError(f"need at least {2 * len(FEATURES) // 3} samples with times, got {len(batches)}")
+        x = np.array([features(shape, dtype, b) for b in batches], dtype=np.float64)
         y = np.array(seconds, dtype=np.float64)
-        best: tuple[float, int, list[float]] | None = None
-        for knee in KNEES:
-            x = np.array([features(shape, dtype, b, knee) for b in batches], dtype=np.float64)
-            scale = x.max(axis=0)
-            scale[scale == 0] = 1.0
-            coef, _ = nnls((x / scale) / y[:, None], np.ones_like(y))
-            coef = coef / scale
-            err = float(np.median(np.abs(x @ coef - y) / y))
-            if best is None or err < best[0]:
-                best = (err, knee, list(coef))
-        return cls(shape, dtype, best[2], meta, knee=best[1])
+        scale = x.max(axis=0)
+        scale[scale == 0] = 1.0
+        coef, _ = nnls((x / scale) / y[:, None], np.ones_like(y))
+        return cls(shape, dtype, list(coef / scale), meta)
 
     @classmethod
     def fit_with_holdout(cls, shape: ModelShape, dtype: str, batches: list[BatchShape], seconds: list[float],
-                         heldout_fraction: float = 0.25, seed: int = 0, meta: dict[str, Any] | None = None
-                         ) -> tuple[ProfiledCostModel, FitReport]:
-        """Fit on a random (seeded) part, report errors on the rest, then refit on everything."""
-        idx = list(range(len(batches)))
+                         heldout_fraction: float = 0.25, seed: int = 0, meta: dict[str, Any] | None = None,
+                         in_situ: list[bool] | None = None) -> tuple[ProfiledCostModel, FitReport]:
+        """Fit on a random (seeded) part of the grid samples, report errors on the rest, then refit on
+        every grid sample. `in_situ` marks single steps timed during live serving: they are never
+        fitted, only used to check the model on real serving steps (reported separately)."""
+        flags = in_situ or [False] * len(batches)
+        grid_idx = [i for i in range(len(batches)) if not flags[i]]
+        situ_idx = [i for i in range(len(batches)) if flags[i]]
+        idx = list(grid_idx)
         random.Random(seed).shuffle(idx)
         k = max(1, round(len(idx) * heldout_fraction))
         test, train = idx[:k], idx[k:]
         model = cls.fit(shape, dtype, [batches[i] for i in train], [seconds[i] for i in train])
-        errors = sorted(abs(model.predict(batches[i]) - seconds[i]) / seconds[i] for i in test)
-        report = FitReport(len(train), len(test), statistics.median(errors),
-                           errors[min(len(errors) - 1, int(0.9 * len(errors)))], errors[-1])
-        return cls.fit(shape, dtype, batches, seconds, meta), report
+
+        def errors(which: list[int]) -> list[float]:
+            return sorted(abs(model.predict(batches[i]) - seconds[i]) / seconds[i] for i in which)
+
+        grid, situ = errors(test), errors(situ_idx)
+        p90 = grid[min(len(grid) - 1, int(0.9 * len(grid)))]
+        report = FitReport(len(train), len(grid), statistics.median(grid), p90, grid[-1], len(situ),
+                           statistics.median(situ) if situ else float("nan"))
+        final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta)
+        return final, report
 
     # ---- files -----------------------------------------------------------------------------------
     def save(self, path: Path, samples_csv: str) -> None:
@@ -195,7 +224,6 @@ class ProfiledCostModel:
             "dtype": self.dtype,
             "features": list(FEATURES),
             "coefficients": self.coefficients,
-            "knee": self.knee,
             "copy_bandwidth": self.copy_bandwidth,
             "copy_latency": self.copy_latency,
         })
@@ -206,7 +234,7 @@ class ProfiledCostModel:
         shape, dtype, doc = read_profile(path)
         try:
             return cls(shape, dtype, doc["coefficients"], doc, doc.get("copy_bandwidth", 10e9),
-                       doc.get("copy_latency", 0.0), doc.get("knee", 8))
+                       doc.get("copy_latency", 0.0))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"hardware: calibrated profile {str(path)!r} does not fit this version's model "
                               f"({exc}); refit it with `sagellm calibrate --refit {path}`") from exc

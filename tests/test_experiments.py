@@ -1,0 +1,114 @@
+"""Experiment files, sweeps, resume, and one small run on both sides."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from experiments.config import ExperimentConfig
+from experiments.runner import run_experiment
+from sagellm.config import ConfigError
+
+WORKLOAD = {"num_requests": 12, "seed": 2, "arrival": {"kind": "poisson", "rate": 2.0},
+            "prompt_len": {"kind": "uniform", "low": 16, "high": 64},
+            "output_len": {"kind": "uniform", "low": 4, "high": 12}}
+
+
+def _sim_only(**extra) -> dict:
+    d = {"name": "t", "model": "llama-2-7b", "hardware": "h100-sxm", "sides": ["simulate"],
+         "sagellm": {"model": {"dtype": "bfloat16"}}, "workload": WORKLOAD}
+    d.update(extra)
+    return d
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"sides": ["simulate", "replay"]}, "sides"),
+        ({"colour": "red"}, "colour"),
+        ({"sides": ["live"]}, "hardware"),  # a roofline device cannot run live here
+        ({"sweep": {"workload.arrival.rat": [1.0]}}, "workload.arrival.rat"),
+        ({"sweep": {"sides": [["live"]]}}, "sweep.sides"),
+        ({"sweep": {"workload.arrival.rate": []}}, "sweep.workload.arrival.rate"),
+        ({"live": {"repeats": 0}}, "live.repeats"),
+        ({"name": ""}, "name"),
+        ({"sagellm": {"scheduler": {"max_num_seq": 4}}}, "sagellm.scheduler.max_num_seq"),
+    ],
+)
+def test_bad_experiment_files_name_the_field(change, field):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(_sim_only(**change))
+    assert field in str(err.value)
+
+
+def test_live_side_without_a_profile_and_without_calibration_names_the_hardware(tmp_path):
+    cfg = ExperimentConfig.from_dict({
+        "name": "t", "hardware": "local", "sides": ["simulate", "live"], "calibrate": False,
+        "sagellm": {"model": {"dtype": "float16"}}, "workload": WORKLOAD,  # no float16 profile is shipped
+    })
+    with pytest.raises(ConfigError) as err:
+        run_experiment(cfg, tmp_path, echo=lambda s: None, progress=False)
+    assert "hardware" in str(err.value) and "calibrate" in str(err.value)
+
+
+def test_sweep_is_a_grid_of_overrides():
+    cfg = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 4.0],
+                                                      "sagellm.scheduler.max_num_seqs": [2, 8]}))
+    assert len(cfg.points) == 4
+    p = cfg.points[3]
+    assert p.overrides == {"workload.arrival.rate": 4.0, "sagellm.scheduler.max_num_seqs": 8}
+    assert p.simulation.workload.arrival.rate == 4.0 and p.simulation.sagellm.scheduler.max_num_seqs == 8
+    assert len({q.slug for q in cfg.points}) == 4
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypatch):
+    import simulator.sim as sim_module
+
+    cfg = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 2.0, 4.0]}))
+    calls = []
+    real_run = sim_module.Simulation.run
+
+    def failing_run(self, progress=False):
+        calls.append(self.config.workload.arrival.rate)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted")
+        return real_run(self, progress)
+
+    monkeypatch.setattr(sim_module.Simulation, "run", failing_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path, echo=lambda s: None, progress=False)
+    (run_dir,) = (tmp_path / "t").iterdir()
+    assert [p.name for p in sorted((run_dir / "points").iterdir()) if (p / "done.json").exists()] == ["000_rate=1.0"]
+    calls.clear()
+    run_experiment(cfg, tmp_path, resume=run_dir, echo=lambda s: None, progress=False)
+    assert calls == [2.0, 4.0]
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert sorted(summary["workload.arrival.rate"]) == [1.0, 2.0, 4.0]
+    changed = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 3.0]}))
+    with pytest.raises(ConfigError, match="resume"):
+        run_experiment(changed, tmp_path, resume=run_dir, echo=lambda s: None, progress=False)
+
+
+@pytest.mark.slow
+def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
+    cfg = ExperimentConfig.from_dict({
+        "name": "both", "hardware": "local", "sides": ["simulate", "live"],
+        "sagellm": {"scheduler": {"max_num_seqs": 8}},
+        "workload": {**WORKLOAD, "num_requests": 6, "arrival": {"kind": "poisson", "rate": 4.0}},
+        "live": {"repeats": 1, "warmup_requests": 1},
+    })
+    lines: list[str] = []
+    run_dir = run_experiment(cfg, tmp_path, echo=lines.append, progress=False)
+    text = "\n".join(lines)
+    assert "predicted vs measured" in text and "ttft_mean" in text
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["git_revision"] and manifest["versions"]["torch"] and manifest["points"][0]["seed"] == 2
+    fidelity = pd.read_csv(run_dir / "fidelity.csv")
+    assert {"request_throughput", "ttft_mean", "tpot_mean", "e2e_latency_p99"} <= set(fidelity["metric"])
+    live = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "requests.parquet")
+    sim = pd.read_parquet(run_dir / "points" / "000" / "simulate" / "requests.parquet")
+    assert list(live.columns) == list(sim.columns)
+    assert sorted(live["num_output_tokens"]) == sorted(sim["num_output_tokens"])  # identical work on both sides
+    assert (run_dir / "plots" / "cdf_000.png").stat().st_size > 0
