@@ -28,8 +28,13 @@ PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarro
 
 
 def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), resume: Path | None = None,
-                   echo: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Run (or resume) `cfg`; returns the run folder. Prints each point's summary and fidelity table."""
+                   echo: Callable[[str], None] = print, progress: bool = True, resimulate: bool = False) -> Path:
+    """Run (or resume) `cfg`; returns the run folder. Prints each point's summary and fidelity table.
+
+    With `resimulate` (and `resume`), finished points keep their live runs but the simulator runs
+    again, with today's cost model, and the fidelity tables are recomputed: how a better model
+    does against the same measurements.
+    """
     if resume is not None:
         run_dir = Path(resume)
         old = run_dir / "manifest.json"
@@ -51,7 +56,10 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
         for point in cfg.points:
             pdir = run_dir / "points" / point.slug
             done = pdir / "done.json"
-            if done.exists():
+            if done.exists() and resimulate and "simulate" in cfg.sides:
+                doc = _resimulate_point(cfg, point, pdir, json.loads(done.read_text()), echo, progress)
+                done.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            elif done.exists():
                 echo(f"[{point.slug}] done earlier, skipped")
                 doc = json.loads(done.read_text())
             else:
@@ -123,6 +131,24 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
         doc["fidelity"] = [_clean(r.to_dict()) for r in table]
         pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
         echo(format_table(table, f"{title} predicted vs measured (median of {len(measured)} live runs)"))
+    return doc
+
+
+def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],
+                      echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    from simulator.sim import Simulation
+
+    result = Simulation(point.simulation).run(progress=progress)
+    write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
+    live = [side for side in doc["sides"] if side["side"] == "live"]
+    doc["sides"] = [{"side": "simulate", "repeat": -1, "summary": _clean(result.summary)}, *live]
+    title = f"[{point.slug}]"
+    echo(format_summary(result.summary, f"{title} simulated again ({result.info['cost_model']})"))
+    if live:
+        table = compare(result.summary, [side["summary"] for side in live])
+        doc["fidelity"] = [_clean(r.to_dict()) for r in table]
+        pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
+        echo(format_table(table, f"{title} predicted vs measured (median of {len(live)} live runs)"))
     return doc
 
 

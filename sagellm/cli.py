@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("file", help="experiment YAML (see docs/experiments.md)")
     er.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in this folder")
     er.add_argument("--results", default="results", help="results root (default: results)")
+    er.add_argument("--resimulate", action="store_true",
+                    help="with --resume: run the simulator again on finished points, keep their live runs")
     er.add_argument("--quiet", action="store_true", help="no progress bars")
     er.set_defaults(func=_cmd_experiment)
     return parser
@@ -153,7 +155,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from experiments.runner import run_experiment
 
     cfg = ExperimentConfig.from_yaml(args.file)
-    run_experiment(cfg, Path(args.results), Path(args.resume) if args.resume else None, progress=not args.quiet)
+    if args.resimulate and not args.resume:
+        raise ValueError("--resimulate: needs --resume RUN_DIR (the run whose live measurements to keep)")
+    run_experiment(cfg, Path(args.results), Path(args.resume) if args.resume else None, progress=not args.quiet,
+                   resimulate=args.resimulate)
     return 0
 
 

@@ -55,7 +55,7 @@ def cmd_refit(path: Path) -> int:
     model.save(path, _samples_csv(samples, model))
     print(f"refitted {path.name} on {len(samples)} samples: held-out grid shapes median {report.median_error:.1%}, "
           f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; in-situ serving steps median "
-          f"{report.in_situ_median_error:.1%} (validation only)")
+          f"{report.in_situ_median_error:.1%}; serving factor {model.serving_factor:.3f}")
     return 0
 
 
@@ -72,6 +72,7 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
     print(f"held-out error on {report.num_heldout} grid shapes: median {report.median_error:.1%}, "
           f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; on {report.in_situ_heldout} in-situ steps: "
           f"median {report.in_situ_median_error:.1%} (validation only)")
+    print(f"serving factor {model.serving_factor:.3f} (live serving steps vs the same steps alone)")
     print(f"profile: {path} (+ .csv samples)")
     return 0
 

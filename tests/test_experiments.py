@@ -68,16 +68,18 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, 
 
     cfg = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 2.0, 4.0]}))
     calls = []
+    interrupt = {"armed": True}
     real_run = sim_module.Simulation.run
 
     def failing_run(self, progress=False):
         calls.append(self.config.workload.arrival.rate)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("interrupted")
+        if len(calls) == 2 and interrupt["armed"]:
+            interrupt["armed"] = False
+            raise RuntimeError("interrupted half-way")
         return real_run(self, progress)
 
     monkeypatch.setattr(sim_module.Simulation, "run", failing_run)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="interrupted half-way"):
         run_experiment(cfg, tmp_path, echo=lambda s: None, progress=False)
     (run_dir,) = (tmp_path / "t").iterdir()
     assert [p.name for p in sorted((run_dir / "points").iterdir()) if (p / "done.json").exists()] == ["000_rate=1.0"]

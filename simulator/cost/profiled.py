@@ -13,7 +13,8 @@ Model, with non-negative coefficients fitted by least squares on relative error:
 GEMM over one to three rows costs about the same, four rows cost about 60% more (the BLAS library
 switches kernels), and the cost per row falls again up to tens of rows. A line cannot follow that,
 and it left 6% median error; the knots do (see docs/simulator.md). The other terms come from the
-execution graph (`sagellm.graph`), so they scale with the work they name.
+execution graph (`sagellm.graph`), so they scale with the work they name. `step_time` multiplies
+the fitted time by a serving factor measured on steps of a live run (see `ProfiledCostModel`).
 
 A profile is two files in `simulator/hardware/profiles/`: `<id>.csv` (the samples) and
 `<id>.json` (machine and model identity, dtype, coefficients, held-out error).
@@ -124,20 +125,28 @@ class FitReport:
 
 
 class ProfiledCostModel:
-    """Step time = intercept + coefficients . features, fitted on this machine's measured steps.
+    """Step time = coefficients . features (see the module docstring) x `serving_factor`.
+
+    `predict(batch)` is a step as the grid measured it, alone; `step_time(out)` is a step inside the
+    serving loop: the grid time scaled by `serving_factor`, the ratio of total measured to total
+    predicted time over the calibration's live serving steps (about 1.04 here: with the scheduler,
+    the asyncio front end and other requests' memory around them, steps run a few % slower).
 
     `transfer_time` uses the measured `copy_bandwidth` (bytes/s) and `copy_latency` (s) of the
     engine's own KV copies when the profile has them, else the host memory bandwidth estimate.
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
-                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0) -> None:
+                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0, serving_factor: float = 1.0) -> None:
         if len(coefficients) != len(FEATURES):
             raise ValueError(f"expected {len(FEATURES)} coefficients {FEATURES}, got {len(coefficients)}")
         self.shape, self.dtype = shape, dtype
         self.coefficients = [float(c) for c in coefficients]
         self.meta = meta or {}
         self.copy_bandwidth, self.copy_latency = copy_bandwidth, copy_latency
+        if serving_factor <= 0:
+            raise ValueError(f"serving_factor must be > 0, got {serving_factor}")
+        self.serving_factor = serving_factor
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
         rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
@@ -155,6 +164,7 @@ class ProfiledCostModel:
         return _dot(self._token_values, token_basis(num_tokens))
 
     def predict(self, batch: BatchShape) -> float:
+        """The fitted time of `batch` as the calibration grid measured it: one step alone."""
         return _dot(self.coefficients, features(self.shape, self.dtype, batch))
 
     def step_time(self, out: SchedulerOutput) -> float:
@@ -164,7 +174,7 @@ class ProfiledCostModel:
         t = self.token_time(x[0])
         for w, v in zip(self._weights, x):
             t += w * v
-        return t
+        return t * self.serving_factor
 
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
         return self.copy_latency + num_bytes / self.copy_bandwidth if num_bytes > 0 else 0.0
@@ -210,6 +220,9 @@ class ProfiledCostModel:
         report = FitReport(len(train), len(grid), statistics.median(grid), p90, grid[-1], len(situ),
                            statistics.median(situ) if situ else float("nan"))
         final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta)
+        if situ_idx:
+            final.serving_factor = (sum(seconds[i] for i in situ_idx)
+                                    / sum(final.predict(batches[i]) for i in situ_idx))
         return final, report
 
     # ---- files -----------------------------------------------------------------------------------
@@ -226,6 +239,7 @@ class ProfiledCostModel:
             "coefficients": self.coefficients,
             "copy_bandwidth": self.copy_bandwidth,
             "copy_latency": self.copy_latency,
+            "serving_factor": self.serving_factor,
         })
         path.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
@@ -234,7 +248,7 @@ class ProfiledCostModel:
         shape, dtype, doc = read_profile(path)
         try:
             return cls(shape, dtype, doc["coefficients"], doc, doc.get("copy_bandwidth", 10e9),
-                       doc.get("copy_latency", 0.0))
+                       doc.get("copy_latency", 0.0), doc.get("serving_factor", 1.0))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"hardware: calibrated profile {str(path)!r} does not fit this version's model "
                               f"({exc}); refit it with `sagellm calibrate --refit {path}`") from exc
