@@ -36,6 +36,11 @@ class Replica:
         self.process = env.process(self._run())
 
     @property
+    def is_sleeping(self) -> bool:
+        """Waiting for a submit (no step in flight)."""
+        return self._wakeup is not None
+
+    @property
     def num_outstanding(self) -> int:
         return self.scheduler.num_unfinished
 

@@ -100,15 +100,18 @@ class Simulation:
 
     def _run(self, progress: bool) -> SimulationResult:
         started = time.perf_counter()
-        self.env.process(self._arrivals())
+        arrivals = self.env.process(self._arrivals())
         bar = _progress_bar(progress, self.config.workload.num_requests)
         if bar is None:
             self.env.run()
         else:
-            # Advance in slices of simulated time so the bar can follow finished requests.
+            # Advance in slices of simulated time so the bar can follow finished requests. (SimPy
+            # re-queues the slice's `until` event, so the queue alone never says "done".)
             with bar:
-                while self.env.peek() != float("inf"):
-                    self.env.run(until=self.env.peek() + 10.0)
+                while arrivals.is_alive or any(r.num_outstanding for r in self.replicas):
+                    if not arrivals.is_alive and all(r.is_sleeping for r in self.replicas):
+                        break  # nothing can happen any more (see Replica's guard)
+                    self.env.run(until=self.env.now + 10.0)
                     bar.update(len(self.collector.records) - bar.n)
         wall = time.perf_counter() - started
         records = self.collector.records

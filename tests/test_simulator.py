@@ -282,3 +282,10 @@ def test_simulate_command_rejects_a_bad_config(tmp_path, capsys):
                    "{kind: poisson, rate: 1}, prompt_len: 10, output_len: 0}\n")
     assert main(["simulate", str(cfg), "--quiet"]) == 2
     assert "workload.output_len" in capsys.readouterr().err
+
+
+def test_progress_bar_run_ends_and_matches_the_plain_run():
+    """With a progress bar the run advances in slices of simulated time; it must end, same results."""
+    plain = Simulation(_config()).run()
+    with_bar = Simulation(_config()).run(progress=True)
+    assert [r.to_dict() for r in with_bar.records] == [r.to_dict() for r in plain.records]
