@@ -25,7 +25,7 @@ from simulator.workloads import (
     write_trace,
 )
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"  # copies of ../shared/data/traces
 AZURE_CONV = TRACES / "azure_conv.csv"
 AZURE_CODE = TRACES / "azure_code.csv"
 needs_azure = pytest.mark.skipif(not AZURE_CONV.is_file(), reason="Azure traces not present")
