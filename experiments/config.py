@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sagellm.config import ConfigError, build_section
+from sagellm.config import ConfigError, build_section, load_yaml_mapping
 from simulator.config import SimulationConfig
 
 SIDES = ("simulate", "live")
@@ -143,14 +141,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ExperimentConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"experiment file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"experiment file {str(p)!r} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, p.parent)
+        return cls.from_dict(load_yaml_mapping(path, "experiment file"), Path(path).parent)
 
     def _check_live(self) -> None:
         if "live" not in self.sides:

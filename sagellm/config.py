@@ -141,18 +141,7 @@ class SageLLMConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SageLLMConfig:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml_mapping(path, "config file"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +154,25 @@ class SageLLMConfig:
                 raise ConfigError(f"unknown config section {name!r}; allowed: {sorted(merged)}")
             merged[name].update(values)
         return SageLLMConfig.from_dict(merged)
+
+
+def load_yaml_mapping(path: str | Path, what: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The mapping in a YAML file ({} for an empty file); `error` naming `what` and the path if the
+    file is missing, is not YAML, or holds something other than a mapping."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def build_section(cls: type, data: Any, prefix: str) -> Any:

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sagellm.config import ConfigError, SageLLMConfig, build_section
+from sagellm.config import ConfigError, SageLLMConfig, build_section, load_yaml_mapping
 from sagellm.core.router import ROUTER_KINDS
 from sagellm.metrics import SLO
 from simulator.workloads import WorkloadError, WorkloadSpec
@@ -116,14 +114,7 @@ class SimulationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SimulationConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"simulation config {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"simulation config {str(p)!r} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, p.parent)
+        return cls.from_dict(load_yaml_mapping(path, "simulation config"), Path(path).parent)
 
 
 def _prefixed(section: Any, name: str) -> Any:

@@ -1,5 +1,17 @@
-"""Hardware backends: device detection and information."""
+"""Hardware backends: device detection and information.
 
-from sagellm.backends.detect import DeviceInfo, device_info, empty_cache, resolve_device
+`detect` needs torch; `cpuinfo` and `cpu_time` do not, and the simulator imports them, so the
+torch-based names are loaded on first use rather than with the package.
+"""
+
+from typing import Any
 
 __all__ = ["DeviceInfo", "device_info", "empty_cache", "resolve_device"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from sagellm.backends import detect
+
+        return getattr(detect, name)
+    raise AttributeError(f"module 'sagellm.backends' has no attribute {name!r}")

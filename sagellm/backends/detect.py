@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
+
+from sagellm.backends.cpuinfo import cpu_model_name
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,7 @@ def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return DeviceInfo("cuda", str(device), props.name, props.total_memory, torch.get_num_threads())
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name = cpu_model_name()
     mem = 0
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

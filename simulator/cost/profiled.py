@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sagellm.backends.cpuinfo import cpu_model_name
 from sagellm.config import ConfigError
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.graph import BatchShape, step_operators
@@ -85,16 +86,7 @@ def _dot(a: list[float], b: list[float]) -> float:
 
 def machine_identity() -> dict[str, Any]:
     """This machine as profiles record it (standard library only, so lookups need no torch)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": name, "cpu_count": os.cpu_count(), "system": platform.system()}
+    return {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "system": platform.system()}
 
 
 def model_key(shape: ModelShape) -> str:

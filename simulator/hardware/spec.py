@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from sagellm.config import load_yaml_mapping
 
 SPEC_DIR = Path(__file__).parent / "specs"
 TIERS = ("hbm", "ddr", "nvme")
@@ -142,10 +142,4 @@ def load_spec(name_or_path: str | Path) -> HardwareSpec:
         if not path.exists():
             raise HardwareError(f"hardware: unknown hardware {str(name_or_path)!r}; known: {available_specs()} "
                                 "(or a path to a spec .yaml, or a calibrated profile)")
-    if not path.exists():
-        raise HardwareError(f"hardware: spec file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise HardwareError(f"{path}: not valid YAML: {exc}") from None
-    return HardwareSpec.from_dict(data, str(path))
+    return HardwareSpec.from_dict(load_yaml_mapping(path, "hardware: spec file", HardwareError), str(path))
