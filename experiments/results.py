@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from sagellm.metrics.io import _jsonable
+from sagellm.metrics.io import write_kv_usage, write_summary
 from sagellm.metrics.records import RECORD_COLUMNS, RequestRecord
 
 
@@ -31,11 +31,9 @@ def write_side(directory: Path, records: list[RequestRecord], summary: dict[str,
     directory.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([r.to_dict() for r in records], columns=list(RECORD_COLUMNS))
     frame.to_parquet(directory / "requests.parquet", index=False)
-    doc = {"summary": _jsonable(summary), "info": _jsonable(info or {})}
-    (directory / "summary.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_summary(directory, summary, info)
     if kv_usage is not None:
-        pd.DataFrame(kv_usage, columns=["time", "kv_usage", "num_running", "num_waiting"]).to_csv(
-            directory / "kv_usage.csv", index=False)
+        write_kv_usage(directory, kv_usage)
 
 
 @dataclass

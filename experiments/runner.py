@@ -21,7 +21,7 @@ from experiments.config import ExperimentConfig, SweepPoint
 from experiments.fidelity import compare, format_table
 from experiments.results import write_side
 from sagellm.config import ConfigError
-from sagellm.metrics.io import format_summary
+from sagellm.metrics.io import format_summary, jsonable
 from simulator.workloads import generate
 
 PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarrow", "matplotlib")
@@ -255,6 +255,4 @@ def _jsonable_config(raw: dict[str, Any]) -> Any:
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
-    from sagellm.metrics.io import _jsonable
-
-    return _jsonable(d)
+    return jsonable(d)

@@ -6,7 +6,6 @@ import argparse
 import csv
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sagellm.metrics.io import format_summary, write_run
@@ -37,6 +36,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_refit(path: Path) -> int:
     """Fit a profile again from its saved samples (for example after the model form changed)."""
+    from sagellm.engine.calibration import CalibrationSample
     from sagellm.graph import BatchShape
     from simulator.cost.profiled import ProfiledCostModel, read_profile
 
@@ -44,7 +44,7 @@ def cmd_refit(path: Path) -> int:
     with open(path.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     fields = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
-    samples = [_Sample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
+    samples = [CalibrationSample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
                        float(r["min_s"]), float(r["max_s"]), int(r["repeats"])) for r in rows]
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
                                                          "repeats")}
@@ -114,16 +114,6 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
     finally:
         engine.shutdown()
     return path, model, report, len(samples)
-
-
-@dataclass(frozen=True)
-class _Sample:
-    label: str
-    batch: object
-    median_seconds: float
-    min_seconds: float
-    max_seconds: float
-    repeats: int
 
 
 def _samples_csv(samples, model) -> str:

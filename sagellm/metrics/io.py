@@ -12,13 +12,13 @@ from typing import Any
 from sagellm.metrics.records import RECORD_COLUMNS, RequestRecord
 
 SUMMARY_ROWS = (
-    ("requests finished", "num_finished", "{:.0f}", 1),
-    ("duration (s)", "duration", "{:.2f}", 1),
-    ("throughput (req/s)", "request_throughput", "{:.3f}", 1),
-    ("output tokens/s", "output_throughput", "{:.1f}", 1),
-    ("total tokens/s", "total_token_throughput", "{:.1f}", 1),
-    ("goodput (req/s)", "goodput", "{:.3f}", 1),
-    ("preemptions", "num_preemptions", "{:.0f}", 1),
+    ("requests finished", "num_finished", "{:.0f}"),
+    ("duration (s)", "duration", "{:.2f}"),
+    ("throughput (req/s)", "request_throughput", "{:.3f}"),
+    ("output tokens/s", "output_throughput", "{:.1f}"),
+    ("total tokens/s", "total_token_throughput", "{:.1f}"),
+    ("goodput (req/s)", "goodput", "{:.3f}"),
+    ("preemptions", "num_preemptions", "{:.0f}"),
 )
 LATENCY_ROWS = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e_latency"),
                 ("queueing", "queueing_delay"))
@@ -40,19 +40,29 @@ def write_run(directory: Path, records: Sequence[RequestRecord], summary: dict[s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_records(directory / "requests.csv", records)
-    doc = {"summary": _jsonable(summary), "info": _jsonable(info or {})}
-    (directory / "summary.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    with open(directory / "kv_usage.csv", "w", newline="") as f:
+    write_summary(directory, summary, info)
+    write_kv_usage(directory, kv_usage)
+    return directory
+
+
+def write_summary(directory: Path, summary: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    """`summary.json`: {"summary": ..., "info": ...}, NaN written as null."""
+    doc = {"summary": jsonable(summary), "info": jsonable(info or {})}
+    (Path(directory) / "summary.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def write_kv_usage(directory: Path, kv_usage: Sequence[tuple[float, float, int, int]]) -> None:
+    """`kv_usage.csv`: time, fraction of KV blocks in use, running and waiting requests."""
+    with open(Path(directory) / "kv_usage.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(("time", "kv_usage", "num_running", "num_waiting"))
         w.writerows((repr(t), repr(u), r, q) for t, u, r, q in kv_usage)
-    return directory
 
 
 def format_summary(summary: dict[str, Any], title: str = "") -> str:
     """The summary as an aligned text table (latencies in milliseconds)."""
     lines = [title] if title else []
-    for label, key, fmt, _ in SUMMARY_ROWS:
+    for label, key, fmt in SUMMARY_ROWS:
         if key in summary:
             lines.append(f"  {label:<22}{fmt.format(summary[key])}")
     lines.append(f"  {'latency (ms)':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
@@ -62,11 +72,12 @@ def format_summary(summary: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """`obj` with string keys, lists for tuples and None for non-finite floats (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

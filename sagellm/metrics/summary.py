@@ -30,17 +30,6 @@ class SLO:
         return not (self.tpot is not None and rec.tpot is not None and rec.tpot > self.tpot)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method) of already sorted values."""
-    n = len(sorted_values)
-    if n == 0:
-        return math.nan
-    pos = (n - 1) * q / 100.0
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
     import numpy as np
 
