@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagellm.core.kv.tiers import EVICTION_POLICIES, KVGranularity, KVPolicy
 from sagellm.core.scheduler import SchedulerLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,12 +42,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class KVCacheConfig:
-    """The paged KV pool. `num_blocks` None sizes the pool from `memory_gb` (GiB of K and V over
-    all layers) and the model's shape and dtype."""
+    """The paged KV pool and the KV runtime around it.
+
+    `num_blocks` None sizes the device pool from `memory_gb` (GiB of K and V over all layers) and
+    the model's shape and dtype. `enable_prefix_caching` reuses full blocks across requests
+    (`tenant_isolation`: only within a request's tenant). The lower tiers hold cached blocks
+    evicted from the device: DDR (host memory) of `ddr_num_blocks` blocks or `ddr_memory_gb` GiB,
+    NVMe (a file under `nvme_path`, a fresh temporary directory when None) of `nvme_num_blocks`
+    or `nvme_memory_gb`; 0 disables a tier. `eviction_policy` ("lru" or "lfu") picks which cached
+    block leaves a full tier; `cold_timeout_s` moves idle cached blocks down a tier ahead of need
+    (null: never); blocks hit `hot_access_threshold` times are hot (kept, and promoted from NVMe
+    to free DDR, at most `max_promotions_per_step` per step). `granularity`: "block", "request"
+    (preempted requests are swapped to DDR instead of recomputed) or "layer"."""
 
     block_size: int = 16
     num_blocks: int | None = None
     memory_gb: float = 1.0
+    enable_prefix_caching: bool = False
+    tenant_isolation: bool = False
+    granularity: str = "block"
+    ddr_num_blocks: int | None = None
+    ddr_memory_gb: float = 0.0
+    nvme_num_blocks: int | None = None
+    nvme_memory_gb: float = 0.0
+    nvme_path: str | None = None
+    eviction_policy: str = "lru"
+    cold_timeout_s: float | None = 60.0
+    hot_access_threshold: int = 2
+    max_promotions_per_step: int = 8
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -55,6 +78,42 @@ class KVCacheConfig:
             raise ConfigError(f"kv_cache.num_blocks: must be > 0 or null, got {self.num_blocks}")
         if self.memory_gb <= 0:
             raise ConfigError(f"kv_cache.memory_gb: must be > 0, got {self.memory_gb}")
+        granularities = tuple(g.value for g in KVGranularity)
+        if self.granularity not in granularities:
+            raise ConfigError(f"kv_cache.granularity: {self.granularity!r} is not one of {granularities}")
+        for name in ("ddr_num_blocks", "nvme_num_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"kv_cache.{name}: must be >= 0 or null, got {getattr(self, name)}")
+        for name in ("ddr_memory_gb", "nvme_memory_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"kv_cache.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ConfigError(f"kv_cache.eviction_policy: {self.eviction_policy!r} is not one of {EVICTION_POLICIES}")
+        if self.cold_timeout_s is not None and self.cold_timeout_s <= 0:
+            raise ConfigError(f"kv_cache.cold_timeout_s: must be > 0 or null, got {self.cold_timeout_s}")
+        if self.hot_access_threshold < 1:
+            raise ConfigError(f"kv_cache.hot_access_threshold: must be >= 1, got {self.hot_access_threshold}")
+        if self.max_promotions_per_step < 0:
+            raise ConfigError(f"kv_cache.max_promotions_per_step: must be >= 0, got {self.max_promotions_per_step}")
+
+    def tier_blocks(self, block_bytes: int) -> tuple[int, int]:
+        """(DDR blocks, NVMe blocks) for blocks of `block_bytes` bytes."""
+        def size(blocks: int | None, gib: float) -> int:
+            return blocks if blocks is not None else int(gib * 2**30 // block_bytes)
+        return size(self.ddr_num_blocks, self.ddr_memory_gb), size(self.nvme_num_blocks, self.nvme_memory_gb)
+
+    def policy(self, block_bytes: int) -> KVPolicy:
+        """The policy layer's view of these settings, for blocks of `block_bytes` bytes."""
+        ddr, nvme = self.tier_blocks(block_bytes)
+        try:
+            return KVPolicy(
+                enable_prefix_caching=self.enable_prefix_caching, tenant_isolation=self.tenant_isolation,
+                granularity=KVGranularity(self.granularity), ddr_blocks=ddr, nvme_blocks=nvme,
+                eviction_policy=self.eviction_policy, cold_timeout_s=self.cold_timeout_s,
+                hot_access_threshold=self.hot_access_threshold, max_promotions_per_step=self.max_promotions_per_step,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"kv_cache: {exc}") from None
 
 
 @dataclass(frozen=True)

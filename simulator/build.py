@@ -62,8 +62,14 @@ def kv_num_blocks(shape: ModelShape, sagellm: SageLLMConfig, spec: HardwareSpec 
     return int(free // per_block)
 
 
+def kv_block_bytes(shape: ModelShape, sagellm: SageLLMConfig) -> int:
+    """Bytes of one KV block (K and V of every layer), as the engine allocates it."""
+    return sagellm.kv_cache.block_size * shape.kv_bytes_per_token(dtype_bytes(sagellm.model.dtype))
+
+
 def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int) -> Scheduler:
-    kv = KVCacheManager(num_blocks, sagellm.kv_cache.block_size)
+    policy = sagellm.kv_cache.policy(kv_block_bytes(shape, sagellm))
+    kv = KVCacheManager(num_blocks, sagellm.kv_cache.block_size, policy)
     limit = min(max_model_len(shape, sagellm), kv.capacity_tokens)
     return Scheduler(kv, sagellm.scheduler.limits(limit))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import compress
 
+from sagellm.core.kv.tiers import op_groups
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from simulator.cost.base import CostModel
 
@@ -15,13 +16,30 @@ class PredictedExecutor:
     one sampled token for every scheduled request that samples. Token values are not modelled:
     every sampled token is `token_id`; the simulator builds requests with `ignore_eos` and
     `max_new_tokens` equal to the trace's output length, so each request ends exactly there.
-    No side effects.
+    The step's KV operations run before it, as the engine runs them: each run of same-direction
+    copies is one transfer of `block_bytes` per block, priced by `cost_model.transfer_time`
+    (`transfer_seconds` adds them up). No other side effects.
     """
 
-    def __init__(self, cost_model: CostModel, token_id: int = 0) -> None:
+    def __init__(self, cost_model: CostModel, token_id: int = 0, block_bytes: int = 0) -> None:
         self.cost_model = cost_model
         self.token_id = token_id
+        self.block_bytes = block_bytes
+        self.transfer_seconds = 0.0
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         sampled = dict.fromkeys(compress(out.request_ids, out.samples), self.token_id)
-        return StepResult(out.step_id, sampled, (), self.cost_model.step_time(out))
+        duration = self.cost_model.step_time(out)
+        if out.kv_ops:
+            duration += self.kv_ops_time(out)
+        return StepResult(out.step_id, sampled, (), duration)
+
+    def kv_ops_time(self, out: SchedulerOutput) -> float:
+        """Predicted seconds of the step's KV copies."""
+        t = 0.0
+        transfer = self.cost_model.transfer_time
+        for src, dst, ops in op_groups(out.kv_ops):
+            if dst is not None:
+                t += transfer(len(ops) * self.block_bytes, src, dst)
+        self.transfer_seconds += t
+        return t

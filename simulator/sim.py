@@ -21,7 +21,7 @@ from sagellm.core.request import Request, RequestStatus
 from sagellm.core.router import make_router
 from sagellm.core.sampling import SamplingParams
 from sagellm.metrics import MetricsCollector, RequestRecord, summarize
-from simulator.build import build_cost_model, build_scheduler, kv_num_blocks, resolve_shape
+from simulator.build import build_cost_model, build_scheduler, kv_block_bytes, kv_num_blocks, resolve_shape
 from simulator.config import SimulationConfig
 from simulator.cost.base import CostModel
 from simulator.executor import PredictedExecutor
@@ -69,7 +69,8 @@ class Simulation:
         n = config.cluster.num_replicas
         self.router = make_router(config.cluster.router, n)
         self.replicas = [
-            Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks), PredictedExecutor(cost_model),
+            Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks),
+                    PredictedExecutor(cost_model, block_bytes=kv_block_bytes(self.shape, cfg)),
                     self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
             for i in range(n)
         ]
@@ -128,9 +129,21 @@ class Simulation:
             "cost_model": self.cost_model.name,
             "model": self.shape.name or self.shape.architecture,
             "rejected": self.rejected[:100],
+            "kv": self.kv_stats(),
+            "kv_transfer_seconds": sum(r.executor.transfer_seconds for r in self.replicas),
         }
         return SimulationResult(self.config, records, self.collector.inter_token_latencies, self.collector.kv_usage,
                                 summary, info, wall)
+
+    def kv_stats(self) -> dict[str, float | int]:
+        """The KV runtime's counters (prefix hits, copies, evictions), summed over replicas."""
+        total: dict[str, float | int] = {}
+        for r in self.replicas:
+            for key, value in r.scheduler.kv.stats.to_dict().items():
+                total[key] = total.get(key, 0) + value
+        q = total.get("query_blocks", 0)
+        total["hit_rate"] = round(total.get("hit_blocks", 0) / q, 6) if q else 0.0
+        return total
 
     def _arrivals(self) -> Generator[simpy.Event, None, None]:
         env = self.env

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from simulator.trace_io import (
+    MOONCAKE_HASH_BLOCK_SIZE,
     OUTPUT_COLUMNS,
     PROMPT_COLUMNS,
     TraceRequest,
@@ -34,7 +35,7 @@ from simulator.trace_io import (
 )
 
 __all__ = [
-    "ArrivalSpec", "LengthSpec", "SharedPrefixSpec", "TraceRequest", "WorkloadError", "WorkloadSpec", "generate",
+    "ArrivalSpec", "ConversationSpec", "LengthSpec", "SharedPrefixSpec", "TraceRequest", "WorkloadError", "WorkloadSpec", "generate",
     "prompt_token_ids", "read_trace", "summarize", "write_trace",
 ]
 
@@ -85,6 +86,21 @@ class SharedPrefixSpec:
     fraction: float = 1.0
 
 
+@dataclass(frozen=True)
+class ConversationSpec:
+    """Multi-turn chats. The arrival process starts conversations; each has `turns` requests. Turn
+    k's prompt is turn k-1's prompt, then its answer (output_len tokens, as the trace has it), then
+    a new user message of `user_len` tokens, so it extends the previous prompt exactly; turn 0's
+    prompt has prompt_len tokens. Turn k arrives an exponential gap of mean `think_time_s` after
+    turn k-1 arrives (a trace fixes arrival times, so a turn may come before its predecessor ends).
+    Prompts carry Mooncake-style block hash ids (one per 512 tokens, unique to the conversation);
+    a conversation ends early when its next prompt would exceed max_prompt_len."""
+
+    turns: int
+    user_len: LengthSpec
+    think_time_s: float
+
+
 _ARRIVAL_KEYS = {"poisson": ("rate",), "gamma": ("rate", "cv"), "constant": ("rate",), "replay": ("path", "time_scale")}
 _LENGTH_KEYS = {
     "fixed": ("value",), "uniform": ("low", "high"), "lognormal": ("median", "sigma", "min", "max"),
@@ -92,7 +108,7 @@ _LENGTH_KEYS = {
 }
 _WORKLOAD_KEYS = (
     "num_requests", "duration", "seed", "arrival", "prompt_len", "output_len", "shared_prefix",
-    "max_prompt_len", "max_output_len",
+    "max_prompt_len", "max_output_len", "conversation",
 )
 
 
@@ -170,6 +186,16 @@ def parse_length(d: Any, where: str) -> LengthSpec:
     return LengthSpec(kind, path=_path(d, where), column=column)
 
 
+def parse_conversation(d: Any, where: str) -> ConversationSpec:
+    """A ConversationSpec from its dict; WorkloadError naming the field if invalid."""
+    d = _mapping(d, where, ("turns", "user_len", "think_time_s"))
+    if d.get("user_len") is None:
+        raise WorkloadError(f"{where}.user_len: required (a length distribution)")
+    return ConversationSpec(turns=_num(d, "turns", where, integer=True, ge=1),
+                            user_len=parse_length(d["user_len"], f"{where}.user_len"),
+                            think_time_s=_num(d, "think_time_s", where, gt=0))
+
+
 def parse_shared_prefix(d: Any, where: str) -> SharedPrefixSpec:
     """A SharedPrefixSpec from its dict; WorkloadError naming the field if invalid."""
     d = _mapping(d, where, ("num_groups", "length", "fraction"))
@@ -194,6 +220,7 @@ class WorkloadSpec:
     shared_prefix: SharedPrefixSpec | None = None
     max_prompt_len: int | None = None
     max_output_len: int | None = None
+    conversation: ConversationSpec | None = None
     name: str = field(default="workload", compare=False)
 
     @classmethod
@@ -216,6 +243,13 @@ class WorkloadSpec:
         prefix = d.get("shared_prefix")
         prefix = None if prefix is None else parse_shared_prefix(prefix, f"{field}.shared_prefix")
         max_prompt = _num(d, "max_prompt_len", field, integer=True, default=None, ge=1)
+        conversation = d.get("conversation")
+        if conversation is not None:
+            conversation = parse_conversation(conversation, f"{field}.conversation")
+            if prefix is not None or replay:
+                raise WorkloadError(f"{field}.conversation: cannot be combined with shared_prefix or a replayed trace")
+            if num_requests is None:
+                raise WorkloadError(f"{field}.num_requests: required with conversation")
         if prefix is not None and max_prompt is not None and max_prompt <= prefix.length:
             raise WorkloadError(
                 f"{field}.shared_prefix.length: must be < max_prompt_len={max_prompt}, got {prefix.length}"
@@ -223,7 +257,8 @@ class WorkloadSpec:
         return cls(arrival, lengths["prompt_len"], lengths["output_len"], num_requests=num_requests,
                    duration=duration, seed=_num(d, "seed", field, integer=True, default=0), shared_prefix=prefix,
                    max_prompt_len=max_prompt, max_output_len=_num(d, "max_output_len", field, integer=True,
-                                                                  default=None, ge=1), name=field)
+                                                                  default=None, ge=1),
+                   conversation=conversation, name=field)
 
 
 # --- generation ---------------------------------------------------------------------------------------------------
@@ -311,7 +346,38 @@ def generate(spec: WorkloadSpec, base_dir: str | Path = ".") -> Iterator[TraceRe
     prompt = _length_sampler(spec.prompt_len, streams["prompt_len"], base, f"{spec.name}.prompt_len", rows)
     output = _length_sampler(spec.output_len, streams["output_len"], base, f"{spec.name}.output_len", rows)
     prefix = _prefix_sampler(spec.shared_prefix, streams["prefix"])
+    if spec.conversation is not None:
+        return _conversations(spec, arrivals, prompt, output, base)
     return _requests(spec, itertools.islice(arrivals, spec.num_requests), prompt, output, prefix, rows)
+
+
+CONVERSATION_HASH_STRIDE = 1 << 20  # hash ids of conversation c: c * stride + block index
+
+
+def _conversations(spec: WorkloadSpec, starts: Iterator[float], prompt: Callable[[int], int],
+                   output: Callable[[int], int], base: Path) -> Iterator[TraceRequest]:
+    conv = spec.conversation
+    rng = random.Random(f"{spec.seed}-conversation")
+    user = _length_sampler(conv.user_len, random.Random(f"{spec.seed}-user_len"), base,
+                           f"{spec.name}.conversation.user_len", None)
+    duration = math.inf if spec.duration is None else spec.duration
+    max_prompt, max_output = spec.max_prompt_len or math.inf, spec.max_output_len or math.inf
+    block = MOONCAKE_HASH_BLOCK_SIZE
+    out: list[TraceRequest] = []
+    for c, start in enumerate(starts):
+        if len(out) >= spec.num_requests or start >= duration:
+            break
+        t, length = start, min(prompt(c), max_prompt)
+        for k in range(conv.turns):
+            if len(out) >= spec.num_requests or t >= duration or length > max_prompt:
+                break
+            o = min(output(len(out)), max_output)
+            hashes = tuple(c * CONVERSATION_HASH_STRIDE + j for j in range(-(-length // block)))
+            out.append(TraceRequest(f"conv-{c:05d}-turn-{k:02d}", t, length, o, None, hashes))
+            t += rng.expovariate(1.0 / conv.think_time_s)
+            length += o + user(len(out))
+    out.sort(key=operator.attrgetter("arrival_time"))
+    return iter(out)
 
 
 def _requests(spec: WorkloadSpec, arrivals: Iterator[float], prompt: Callable[[int], int],

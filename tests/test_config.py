@@ -23,7 +23,10 @@ from sagellm.config import (
 
 CUSTOM = {
     "model": {"model_id": "/models/x.gguf", "dtype": "bfloat16", "max_model_len": 512},
-    "kv_cache": {"block_size": 32, "num_blocks": 100, "memory_gb": 0.5},
+    "kv_cache": {"block_size": 32, "num_blocks": 100, "memory_gb": 0.5, "enable_prefix_caching": True,
+                 "tenant_isolation": True, "granularity": "request", "ddr_num_blocks": 40, "ddr_memory_gb": 0.0,
+                 "nvme_num_blocks": None, "nvme_memory_gb": 0.25, "nvme_path": "/tmp/kv", "eviction_policy": "lfu",
+                 "cold_timeout_s": None, "hot_access_threshold": 3, "max_promotions_per_step": 2},
     "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 64, "chunked_prefill": False},
     "backend": {"device": "cpu", "num_threads": 2, "seed": 7, "kernels": False},
     "benchmark": {"warmup_runs": 0, "repeats": 5, "min_output_tokens_per_s": 10.0,
@@ -71,7 +74,12 @@ def test_dict_round_trip(cfg: SageLLMConfig) -> None:
 def test_custom_values_are_kept() -> None:
     cfg = SageLLMConfig.from_dict(CUSTOM)
     assert cfg.to_dict() == CUSTOM
-    assert cfg.kv_cache == KVCacheConfig(block_size=32, num_blocks=100, memory_gb=0.5)
+    assert cfg.kv_cache == KVCacheConfig(
+        block_size=32, num_blocks=100, memory_gb=0.5, enable_prefix_caching=True, tenant_isolation=True,
+        granularity="request", ddr_num_blocks=40, nvme_memory_gb=0.25, nvme_path="/tmp/kv", eviction_policy="lfu",
+        cold_timeout_s=None, hot_access_threshold=3, max_promotions_per_step=2)
+    policy = cfg.kv_cache.policy(block_bytes=2**20)
+    assert (policy.ddr_blocks, policy.nvme_blocks, policy.swaps) == (40, 256, True)
     assert cfg.scheduler == SchedulerConfig(8, 64, False)
 
 

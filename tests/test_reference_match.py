@@ -157,7 +157,7 @@ def _our_last_logits(engine: Any, ids: tuple[int, ...], mode: str) -> torch.Tens
     logits = None
     for step, (a, b) in enumerate(pieces):
         sched = ScheduledRequest("r", a, tuple(ids[a:b]), blocks if step == 0 else (), step == 0, b == n)
-        sampled, logits = runner.execute(SchedulerOutput.from_scheduled(step + 1, (sched,)))
+        sampled, logits, _ = runner.execute(SchedulerOutput.from_scheduled(step + 1, (sched,)))
         assert sampled == (["r"] if b == n else [])
     assert logits is not None and logits.shape == (1, engine.shape.vocab_size)
     assert logits.dtype == torch.float32

@@ -11,8 +11,10 @@ request, which is what lets the simulator run the real scheduler at millions of 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
+
+from sagellm.core.kv.tiers import KVOp
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class SchedulerOutput:
     samples: tuple[bool, ...] = ()
     preempted_ids: tuple[str, ...] = ()
     finished_ids: tuple[str, ...] = ()
+    kv_ops: tuple[KVOp, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
@@ -139,6 +142,7 @@ class SchedulerOutput:
             "samples": list(self.samples),
             "preempted_ids": list(self.preempted_ids),
             "finished_ids": list(self.finished_ids),
+            "kv_ops": [op.to_dict() for op in self.kv_ops],
         }
 
 
@@ -148,13 +152,20 @@ class StepResult:
 
     `sampled_token_ids` maps request id to its new token for every scheduled request with
     `samples`; `stopped_ids` lists requests the executor ended on its own (a stop string matched);
-    `duration` is the step's wall or predicted time in seconds.
+    `duration` is the step's wall or predicted time in seconds (KV operations included).
+    `failed_blocks` are device blocks whose KV load failed its checksum and `failed_request_ids`
+    the requests that would have read them: the executor left those out of the step, and the
+    scheduler recomputes them.
     """
 
     step_id: int
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     stopped_ids: tuple[str, ...] = ()
     duration: float = 0.0
+    failed_blocks: tuple[int, ...] = ()
+    failed_request_ids: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"step_id": self.step_id, "sampled_token_ids": dict(self.sampled_token_ids),
+                "stopped_ids": list(self.stopped_ids), "duration": self.duration,
+                "failed_blocks": list(self.failed_blocks), "failed_request_ids": list(self.failed_request_ids)}

@@ -60,6 +60,9 @@ class Request:
     num_prompt_tokens: int = field(init=False, default=0)
     token_limit: int = field(init=False, default=0)
     stop_token_set: frozenset[int] = field(init=False, default=frozenset())
+    # Prefix caching: chained hashes of the request's full blocks so far, and the chain's root.
+    block_hashes: list[int] = field(init=False, default_factory=list)
+    hash_root: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.request import Request, RequestStatus
@@ -55,10 +56,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
+        self._failed_since_last_step: list[str] = []
         # Tokens each running request's blocks can hold, so most decodes skip the KV manager.
         self._slots: dict[str, int] = {}
         self._step_id = 0
         self.num_preemptions = 0
+        self.caching = kv.caching
+        self.swaps = kv.policy.swaps
+        self._tiering = bool(kv.lower) and kv.caching
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -74,6 +79,8 @@ class Scheduler:
         request.token_limit = min(request.num_prompt_tokens + sp.max_new_tokens, self.max_model_len)
         request.stop_token_set = frozenset(sp.stop_token_ids) | (
             frozenset() if sp.ignore_eos else frozenset(request.eos_token_ids))
+        if self.caching:
+            request.hash_root = root_hash(request.tenant, self.kv.policy.tenant_isolation)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -100,6 +107,8 @@ class Scheduler:
     # `schedule` and `update` are the simulator's inner loop (one iteration per request per step),
     # so they are written flat: no per-request objects or helper calls on the common decode path.
     def schedule(self, now: float) -> SchedulerOutput:
+        if self._tiering and self.requests:
+            self.kv.step_begin(now)
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
@@ -146,7 +155,7 @@ class Scheduler:
                 new_blocks = self._allocate(rid, end)
                 while new_blocks is None:
                     victim = running.pop()
-                    self._preempt(victim)
+                    self._preempt(victim, now)
                     preempted.append(victim.request_id)
                     if victim is req:
                         break
@@ -157,22 +166,40 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Then waiting requests, first come first served; each starts a fresh block table.
+        # Then waiting requests, first come first served; each starts a fresh block table (with
+        # its cached prefix, or its swapped-out blocks, at the front).
         limits = self.limits
+        kv = self.kv
         while self.waiting and budget > 0 and not preempted and len(running) < limits.max_num_seqs:
             req = self.waiting[0]
             rid = req.request_id
-            start = req.num_computed_tokens
             total = req.num_tokens
+            hits = None
+            if self.swaps and kv.is_swapped(rid):
+                start = req.num_computed_tokens
+            elif self.caching:
+                hashes = self._hashes(req, total - 1)
+                query = (total - 1) // kv.block_size
+                hits = kv.lookup(hashes[:query])
+                start = len(hits) * kv.block_size
+            else:
+                start = 0
             n = total - start
             if n > budget:
                 if not limits.chunked_prefill:
                     break
                 n = budget
             end = start + n
-            new_blocks = self._allocate(rid, end)
+            if hits is not None:
+                new_blocks = kv.admit(rid, req.block_hashes, hits, end, query, now)
+            elif start:
+                new_blocks = kv.swap_in(rid, end, now)
+            else:
+                new_blocks = self._allocate(rid, end)
             if new_blocks is None:
                 break
+            self._slots[rid] = kv.num_slots(rid)
+            req.num_computed_tokens = start
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
@@ -183,8 +210,11 @@ class Scheduler:
 
         self._step_id += 1
         columns = tuple(zip(*rows)) if rows else ((),) * 6
+        if self._failed_since_last_step:
+            preempted = self._failed_since_last_step + preempted
+            self._failed_since_last_step = []
         out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
-                              finished_ids=tuple(self._finished_since_last_step))
+                              finished_ids=tuple(self._finished_since_last_step), kv_ops=kv.take_ops())
         self._finished_since_last_step = []
         return out
 
@@ -195,13 +225,18 @@ class Scheduler:
         sampled = result.sampled_token_ids
         requests = self.requests
         running_status = RequestStatus.RUNNING
+        if result.failed_request_ids or result.failed_blocks:
+            self._recompute_failed(result, now)
+        caching, bs = self.caching, self.kv.block_size
         for rid, start, toks, samples in zip(
             output.request_ids, output.start_positions, output.token_ids, output.samples
         ):
             req = requests.get(rid)
             if req is None or req.status is not running_status:
                 continue  # aborted or preempted after scheduling
-            req.num_computed_tokens = start + len(toks)
+            computed = req.num_computed_tokens = start + len(toks)
+            if caching and computed // bs != start // bs:
+                self.kv.cache_computed(rid, self._hashes(req, computed), computed)
             if not samples:
                 continue
             try:
@@ -225,6 +260,24 @@ class Scheduler:
         return finished
 
     # ---- internals -------------------------------------------------------------------------
+    def _hashes(self, req: Request, num_tokens: int) -> list[int]:
+        """The request's block hashes, extended to cover its first `num_tokens` tokens."""
+        hashes = req.block_hashes
+        if len(hashes) < num_tokens // self.kv.block_size:
+            extend_block_hashes(hashes, req.token_slice, self.kv.block_size, req.hash_root, num_tokens)
+        return hashes
+
+    def _recompute_failed(self, result: StepResult, now: float) -> None:
+        """A KV load failed (checksum): forget the bad blocks and recompute the requests that read them."""
+        self.kv.invalidate(result.failed_blocks)
+        for rid in result.failed_request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            self.running.remove(req)
+            self._preempt(req, now, swap=False)
+            self._failed_since_last_step.append(rid)
+
     def _allocate(self, request_id: str, num_tokens: int) -> tuple[int, ...] | None:
         new_blocks = self.kv.allocate_slots(request_id, num_tokens)
         if new_blocks is None:
@@ -247,17 +300,21 @@ class Scheduler:
         req.stop_reason = "max_model_len"  # the only other condition `update` checks
         return RequestStatus.FINISHED_LENGTH
 
-    def _preempt(self, req: Request) -> None:
-        self.kv.free(req.request_id)
-        self._slots.pop(req.request_id, None)
+    def _preempt(self, req: Request, now: float, swap: bool = True) -> None:
+        """Take a running request's device blocks and put it first in line: swapped out to DDR
+        (granularity REQUEST, when DDR has room) or to be recomputed."""
+        rid = req.request_id
+        self._slots.pop(rid, None)
+        if not (swap and self.swaps and self.kv.swap_out(rid, req.num_computed_tokens, now)):
+            self.kv.free(rid, now)
+            req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
-        self.kv.free(req.request_id)
+        self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
         req.finish_time = now

@@ -19,6 +19,7 @@ from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
+from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
 from sagellm.metrics.records import RequestRecord
@@ -88,12 +89,17 @@ class SageLLMEngine:
         del weights
         self.kv_cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, num_blocks, block_size,
                                      shape.head_dim, self.dtype, self.device)
-        self.kv_manager = KVCacheManager(num_blocks, block_size)
+        block_bytes = block_size * shape.kv_bytes_per_token(self.dtype.itemsize)
+        policy = cfg.kv_cache.policy(block_bytes)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, policy)
+        self.kv_transfers = KVTransferExecutor(self.kv_cache, policy.ddr_blocks, policy.nvme_blocks,
+                                               cfg.kv_cache.nvme_path)
         # A request alone must fit in the KV pool; the scheduler applies the same cap.
         self.max_model_len = min(self.max_model_len, self.kv_manager.capacity_tokens)
         self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
         self.executor = LiveExecutor(
-            ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed
+            ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed,
+            self.kv_transfers,
         )
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(shape.eos_token_ids)))
         self._stopping = False
@@ -108,6 +114,7 @@ class SageLLMEngine:
         self._inbox.put(("stop", None))
         self._thread.join()
         self._thread = None
+        self.kv_transfers.close()
 
     def __enter__(self) -> SageLLMEngine:
         return self.initialize()
@@ -187,6 +194,7 @@ class SageLLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
+            kv=kvm.stats.to_dict(),
             uptime_s=elapsed,
             output_tokens_per_s=stats["output_tokens"] / elapsed,
         )
@@ -257,7 +265,7 @@ class SageLLMEngine:
                 continue
             out = self.scheduler.schedule(time.monotonic())
             if out.is_empty:
-                self.executor.runner.execute(out)
+                self.executor.execute(out)
                 continue
             try:
                 result = self.executor.execute(out)

@@ -10,6 +10,7 @@ import torch
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.sampling import SamplingParams
 from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.sampler import Sampler
 from sagellm.models.tokenizer import TextTokenizer
@@ -34,10 +35,14 @@ class LiveExecutor:
     detokenizers (when streaming or stop strings need text) and returns a `StepResult` whose
     `stopped_ids` are the requests whose text hit a stop string and whose `duration` is wall time.
     New text and tokens accumulate in each state's `pending_*` until the engine takes them.
+    The step's KV operations run first (`transfers`); a request that would read a block whose load
+    failed is left out of the step and reported in `failed_request_ids`.
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer: TextTokenizer, base_seed: int) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: TextTokenizer, base_seed: int,
+                 transfers: KVTransferExecutor | None = None) -> None:
         self.runner = runner
+        self.transfers = transfers
         self.tokenizer = tokenizer
         self.sampler = Sampler()
         self.base_seed = base_seed
@@ -59,7 +64,8 @@ class LiveExecutor:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         t0 = time.perf_counter()
-        ids, logits = self.runner.execute(out)
+        failed_blocks = self.transfers.run(out.kv_ops) if out.kv_ops else []
+        ids, logits, skipped = self.runner.execute(out, failed_blocks)
         sampled: dict[str, int] = {}
         stopped: list[str] = []
         if ids:
@@ -77,4 +83,6 @@ class LiveExecutor:
             sampled_token_ids=sampled,
             stopped_ids=tuple(stopped),
             duration=time.perf_counter() - t0,
+            failed_blocks=tuple(failed_blocks),
+            failed_request_ids=tuple(skipped),
         )

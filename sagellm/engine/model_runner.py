@@ -16,8 +16,9 @@ class ModelRunner:
     Contract: keeps each request's block table, applying `new_block_ids` (and
     `resets_block_table`) from every `SchedulerOutput`; drops the table of every id listed in
     `finished_ids` or `preempted_ids`. `execute` returns float32 logits for the requests that sample
-    this step, in the order of `SchedulerOutput.scheduled`, with their ids. Side effect: writes the
-    K/V of every computed token into the cache.
+    this step, in the order of `SchedulerOutput.scheduled`, with their ids, and the ids it left
+    out because their context includes one of `bad_blocks` (blocks whose KV load failed). Side
+    effect: writes the K/V of every computed token into the cache.
     """
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, use_kernels: bool = True) -> None:
@@ -39,10 +40,19 @@ class ModelRunner:
             else:
                 self.block_tables[s.request_id].extend(s.new_block_ids)
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[str], torch.Tensor]:
+    def execute(self, out: SchedulerOutput, bad_blocks: list[int] | None = None
+                ) -> tuple[list[str], torch.Tensor, list[str]]:
         self._update_tables(out)
-        if not out.scheduled:
-            return [], torch.empty(0)
+        skipped: list[str] = []
+        scheduled = out.scheduled
+        if bad_blocks:
+            bad = set(bad_blocks)
+            bs = self.block_size
+            skipped = [s.request_id for s in scheduled
+                       if bad.intersection(self.block_tables[s.request_id][: -(-s.context_length // bs)])]
+            scheduled = [s for s in scheduled if s.request_id not in skipped]
+        if not scheduled:
+            return [], torch.empty(0), skipped
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -53,7 +63,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        for s in out.scheduled:
+        for s in scheduled:
             table = self.block_tables[s.request_id]
             row0 = len(token_ids)
             start, n = s.start_position, len(s.token_ids)
@@ -101,4 +111,4 @@ class ModelRunner:
             meta,
             torch.tensor(logit_rows, dtype=torch.long, device=self.device),
         )
-        return sampling_ids, logits
+        return sampling_ids, logits, skipped

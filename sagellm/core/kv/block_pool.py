@@ -1,16 +1,21 @@
-"""A fixed pool of KV-cache blocks with reference counts (standard library only)."""
+"""A fixed pool of KV-cache blocks with reference counts and a prefix cache (standard library only)."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
 
 class BlockPool:
-    """Hands out block ids `0 .. num_blocks - 1` and takes them back.
+    """Hands out block ids `0 .. num_blocks - 1` and takes them back; remembers cached content.
 
-    Contract: `allocate(n)` returns `n` distinct free block ids with reference count 1, or `None`
-    (and changes nothing) when fewer than `n` are free. `release` decrements reference counts and
-    returns a block to the free list when its count reaches zero. Releasing a free block raises.
+    Contract: `allocate(n)` returns `n` distinct block ids with reference count 1, or `None` (and
+    changes nothing) when fewer than `n` are available. A released block whose reference count
+    reaches zero becomes free; if it holds cached content (`register`ed hash) it stays findable by
+    that hash and is *evictable* instead: `allocate` takes empty blocks first, then evicts cached
+    ones (oldest release first, or the victim `choose_victim` picks), calling `on_evict(block,
+    hash)` for each before handing it out. `retain` adds a reference (reviving an evictable block).
+    Releasing a free block raises.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -19,9 +24,20 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        # Cached, unreferenced blocks -> when they were released; oldest first.
+        self.evictable: OrderedDict[int, float] = OrderedDict()
+        self.block_hash: dict[int, int] = {}
+        self.cached: dict[int, int] = {}  # hash -> block
+        self.on_evict: Callable[[int, int], None] | None = None
+        self.choose_victim: Callable[[], int] | None = None
 
     @property
     def num_free(self) -> int:
+        """Blocks `allocate` can hand out: empty ones plus evictable cached ones."""
+        return len(self._free) + len(self.evictable)
+
+    @property
+    def num_empty(self) -> int:
         return len(self._free)
 
     def ref_count(self, block_id: int) -> int:
@@ -30,26 +46,95 @@ class BlockPool:
     def allocate(self, n: int) -> list[int] | None:
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
+        free = self._free
+        if n <= len(free):
+            blocks = [free.popleft() for _ in range(n)]
+        elif n > len(free) + len(self.evictable):
             return None
-        blocks = [self._free.popleft() for _ in range(n)]
+        else:
+            blocks = [free.popleft() for _ in range(len(free))]
+            while len(blocks) < n:
+                blocks.append(self.evict_one())
         for b in blocks:
             self._ref_counts[b] = 1
         return blocks
 
-    def retain(self, block_id: int) -> None:
-        if self._ref_counts[block_id] <= 0:
-            raise ValueError(f"block {block_id} is free; it cannot be shared")
-        self._ref_counts[block_id] += 1
+    def evict_one(self) -> int:
+        """Evict one cached unreferenced block (calling `on_evict`) and return it, unowned and
+        outside the free list: the caller owns it now."""
+        victim = self.choose_victim() if self.choose_victim is not None else next(iter(self.evictable))
+        del self.evictable[victim]
+        h = self.block_hash.pop(victim)
+        del self.cached[h]
+        if self.on_evict is not None:
+            self.on_evict(victim, h)
+        return victim
 
-    def release(self, block_ids: list[int]) -> None:
+    def retain(self, block_id: int) -> None:
+        count = self._ref_counts[block_id]
+        if count <= 0:
+            if block_id not in self.evictable:
+                raise ValueError(f"block {block_id} is free; it cannot be shared")
+            del self.evictable[block_id]
+        self._ref_counts[block_id] = count + 1
+
+    def release(self, block_ids: list[int], now: float = 0.0) -> None:
+        """Drop one reference to each block; `now` stamps blocks that become evictable."""
         for b in block_ids:
             count = self._ref_counts[b]
             if count <= 0:
                 raise ValueError(f"block {b} released while free (double free)")
             self._ref_counts[b] = count - 1
             if count == 1:
-                self._free.append(b)
+                if b in self.block_hash:
+                    self.evictable[b] = now
+                else:
+                    self._free.append(b)
+
+    def register(self, block_id: int, h: int) -> bool:
+        """Make block `block_id` findable by content hash `h`; False (nothing changes) when another
+        block already holds `h` or this block already holds a hash."""
+        if h in self.cached or block_id in self.block_hash:
+            return False
+        self.block_hash[block_id] = h
+        self.cached[h] = block_id
+        return True
+
+    def uncache(self, block_id: int) -> None:
+        """Forget the block's content hash (its content is not to be reused)."""
+        h = self.block_hash.pop(block_id, None)
+        if h is None:
+            return
+        del self.cached[h]
+        if block_id in self.evictable:
+            del self.evictable[block_id]
+            self._free.append(block_id)
+
+    def drop_evictable(self, block_id: int) -> int:
+        """Take an evictable block out of the cache to the empty list (it moved to another tier);
+        returns its hash."""
+        del self.evictable[block_id]
+        h = self.block_hash.pop(block_id)
+        del self.cached[h]
+        self._free.append(block_id)
+        return h
 
     def free_block_ids(self) -> set[int]:
-        return set(self._free)
+        """Blocks with no owner: empty and evictable."""
+        return set(self._free) | set(self.evictable)
+
+    def check_invariants(self) -> None:
+        empty, evictable = set(self._free), set(self.evictable)
+        if len(empty) != len(self._free):
+            raise AssertionError("free list holds a block twice")
+        if empty & evictable:
+            raise AssertionError(f"blocks both empty and evictable: {sorted(empty & evictable)[:5]}")
+        if any(b in self.block_hash for b in empty):
+            raise AssertionError("an empty block still holds a content hash")
+        if not evictable <= set(self.block_hash):
+            raise AssertionError("an evictable block holds no content hash")
+        if {h: b for b, h in self.block_hash.items()} != self.cached:
+            raise AssertionError("hash -> block map disagrees with block -> hash map")
+        for b in empty | evictable:
+            if self._ref_counts[b] != 0:
+                raise AssertionError(f"free block {b} has reference count {self._ref_counts[b]}")
