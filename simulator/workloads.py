@@ -35,7 +35,8 @@ from simulator.trace_io import (
 )
 
 __all__ = [
-    "ArrivalSpec", "ConversationSpec", "LengthSpec", "SharedPrefixSpec", "TraceRequest", "WorkloadError", "WorkloadSpec", "generate",
+    "ArrivalSpec", "ConversationSpec", "LengthSpec", "SharedPrefixSpec", "TraceRequest", "WorkloadError",
+    "WorkloadSpec", "generate",
     "prompt_token_ids", "read_trace", "summarize", "write_trace",
 ]
 

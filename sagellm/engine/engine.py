@@ -131,8 +131,9 @@ class SageLLMEngine:
         prepared = [self._prepare(r) for r in reqs]
         self._check_unique([r.request_id for r in reqs])
         done: queue.Queue = queue.Queue()
-        for r, ids in prepared:
-            self._submit(_Pending(r, ids, done.put))
+        # One message for the whole batch: the loop admits all of it before its next step.
+        self._check_alive()
+        self._inbox.put(("add_many", ([_Pending(r, ids, done.put) for r, ids in prepared], time.monotonic())))
         outputs = {}
         while len(outputs) < len(reqs):
             try:
@@ -298,25 +299,31 @@ class SageLLMEngine:
             if req is not None:
                 self._finish(req)
         elif kind == "add":
-            pending, arrival = payload
-            r = pending.request
-            sampling = r.sampling_params()
-            core_req = Request(r.request_id, list(pending.prompt_ids), sampling, arrival,
-                               eos_token_ids=self.eos_token_ids, tenant=r.tenant)
-            try:
-                self.scheduler.add_request(core_req)
-            except ValueError as exc:
-                self._deliver_error(pending, str(exc))
-                return
-            self._pending[r.request_id] = pending
-            try:
-                self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
-            except Exception as exc:
-                log.exception("request %s could not be registered", r.request_id)
-                self._fail_requests([r.request_id], f"request could not be started: {exc!r}")
-                return
-            with self._lock:
-                self._stats["prompt_tokens"] += len(pending.prompt_ids)
+            self._add(*payload)
+        elif kind == "add_many":
+            pendings, arrival = payload
+            for pending in pendings:
+                self._add(pending, arrival)
+
+    def _add(self, pending: _Pending, arrival: float) -> None:
+        r = pending.request
+        sampling = r.sampling_params()
+        core_req = Request(r.request_id, list(pending.prompt_ids), sampling, arrival,
+                           eos_token_ids=self.eos_token_ids, tenant=r.tenant)
+        try:
+            self.scheduler.add_request(core_req)
+        except ValueError as exc:
+            self._deliver_error(pending, str(exc))
+            return
+        self._pending[r.request_id] = pending
+        try:
+            self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
+        except Exception as exc:
+            log.exception("request %s could not be registered", r.request_id)
+            self._fail_requests([r.request_id], f"request could not be started: {exc!r}")
+            return
+        with self._lock:
+            self._stats["prompt_tokens"] += len(pending.prompt_ids)
 
     def _dispatch(self, out: Any, finished: list[Request]) -> None:
         done_ids = {r.request_id for r in finished}
