@@ -62,6 +62,8 @@ def cmd_refit(path: Path) -> int:
 def cmd_calibrate(args: argparse.Namespace, config) -> int:
     if args.refit:
         return cmd_refit(Path(args.refit))
+    if args.kv_links:
+        return cmd_kv_links(Path(args.kv_links), config)
     path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
                                        output_dir=Path(args.output_dir) if args.output_dir else None,
                                        progress=not args.quiet)
@@ -74,6 +76,27 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
           f"median {report.in_situ_median_error:.1%} (validation only)")
     print(f"serving factor {model.serving_factor:.3f} (live serving steps vs the same steps alone)")
     print(f"profile: {path} (+ .csv samples)")
+    return 0
+
+
+def cmd_kv_links(path: Path, config) -> int:
+    """Time the engine's KV copies between tiers and store them in an existing profile."""
+    from sagellm.engine import SageLLMEngine
+    from sagellm.engine.kv_calibration import measure_kv_links
+    from simulator.cost.profiled import ProfiledCostModel
+
+    model = ProfiledCostModel.load(path)
+    engine = SageLLMEngine(config.replace(model={"dtype": model.dtype})).initialize()
+    try:
+        model.kv_links = measure_kv_links(engine.kv_cache)
+    finally:
+        engine.shutdown()
+    with path.with_suffix(".csv").open(newline="") as f:
+        samples_csv = f.read()
+    model.save(path, samples_csv)
+    for name, link in model.kv_links.items():
+        print(f"{name:10s} {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us")
+    print(f"profile: {path}")
     return 0
 
 
@@ -109,6 +132,9 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
                                                            [s.median_seconds for s in samples], meta=meta,
                                                            in_situ=[s.label == "in situ" for s in samples])
         model.meta["heldout"] = report.__dict__
+        from sagellm.engine.kv_calibration import measure_kv_links
+
+        model.kv_links = measure_kv_links(engine.kv_cache)
         path = Path(output_dir or PROFILE_DIR) / f"{meta['id']}.json"
         model.save(path, _samples_csv(samples, model))
     finally:

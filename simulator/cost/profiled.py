@@ -124,8 +124,9 @@ class ProfiledCostModel:
     predicted time over the calibration's live serving steps (about 1.04 here: with the scheduler,
     the asyncio front end and other requests' memory around them, steps run a few % slower).
 
-    `transfer_time` uses the measured `copy_bandwidth` (bytes/s) and `copy_latency` (s) of the
-    engine's own KV copies when the profile has them, else the host memory bandwidth estimate.
+    `transfer_time` uses `kv_links`, the latency and bandwidth measured for each direction
+    ("hbm->ddr", "nvme->hbm", ...) by timing the engine's own KV copies
+    (`sagellm.engine.kv_calibration`); for a direction it lacks, `copy_bandwidth` and `copy_latency`.
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
@@ -136,6 +137,7 @@ class ProfiledCostModel:
         self.coefficients = [float(c) for c in coefficients]
         self.meta = meta or {}
         self.copy_bandwidth, self.copy_latency = copy_bandwidth, copy_latency
+        self.kv_links: dict[str, dict[str, float]] = dict(self.meta.get("kv_links") or {})
         if serving_factor <= 0:
             raise ValueError(f"serving_factor must be > 0, got {serving_factor}")
         self.serving_factor = serving_factor
@@ -169,7 +171,12 @@ class ProfiledCostModel:
         return t * self.serving_factor
 
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
-        return self.copy_latency + num_bytes / self.copy_bandwidth if num_bytes > 0 else 0.0
+        if num_bytes <= 0:
+            return 0.0
+        link = self.kv_links.get(f"{src_tier}->{dst_tier}")
+        if link is None:
+            return self.copy_latency + num_bytes / self.copy_bandwidth
+        return link["latency"] + num_bytes / link["bandwidth"]
 
     # ---- fitting ---------------------------------------------------------------------------------
     @classmethod
@@ -232,6 +239,7 @@ class ProfiledCostModel:
             "copy_bandwidth": self.copy_bandwidth,
             "copy_latency": self.copy_latency,
             "serving_factor": self.serving_factor,
+            "kv_links": self.kv_links,
         })
         path.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 

@@ -1,0 +1,69 @@
+"""Times the engine's own KV copies between tiers, for the simulator's transfer costs.
+
+A scratch device cache of the engine's block shape (so serving state is never touched), host and
+file stores as the engine builds them, and runs of n = 1..32 blocks per direction: the fitted
+latency + bytes / bandwidth of each direction is what `ProfiledCostModel.transfer_time` uses.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from sagellm.core.kv.tiers import LOAD, OFFLOAD, PROMOTE, KVOp
+from sagellm.engine.kv_tiers import KVTransferExecutor
+from sagellm.models.attention import PagedKVCache
+
+DIRECTIONS = (("hbm", "ddr", OFFLOAD), ("ddr", "hbm", LOAD), ("hbm", "nvme", OFFLOAD), ("nvme", "hbm", LOAD),
+              ("ddr", "nvme", OFFLOAD), ("nvme", "ddr", PROMOTE))
+SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def measure_kv_links(cache: PagedKVCache, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """{"src->dst": {"bandwidth": bytes/s, "latency": s}} for every tier pair the engine copies along."""
+    t = cache.tensor
+    scratch = PagedKVCache(t.shape[0], t.shape[4], max(SIZES), t.shape[3], t.shape[5], t.dtype, t.device)
+    scratch.tensor.normal_()
+    transfers = KVTransferExecutor(scratch, max(SIZES), max(SIZES), None)
+    block_bytes = scratch.tensor[:, :, 0].numel() * scratch.tensor.element_size()
+    try:
+        # Every slot holds valid content first, so loads measure the real path (checksums included).
+        transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "ddr", i) for i in range(max(SIZES))))
+        transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "nvme", i) for i in range(max(SIZES))))
+        links = {}
+        for src, dst, kind in DIRECTIONS:
+            xs, ys = [], []
+            for n in SIZES:
+                ops = tuple(KVOp(kind, src, i, dst, i) for i in range(n))
+                times = []
+                for _ in range(repeats + 1):
+                    refill(transfers, src, n)
+                    t0 = time.perf_counter()
+                    transfers.run(ops)
+                    times.append(time.perf_counter() - t0)
+                xs.append(n * block_bytes)
+                ys.append(statistics.median(times[1:]))
+            links[f"{src}->{dst}"] = _fit(xs, ys)
+        return links
+    finally:
+        transfers.close()
+
+
+def refill(transfers: KVTransferExecutor, tier: str, n: int) -> None:
+    """Make the first n slots of a lower tier valid again (a load consumes its source)."""
+    if tier == "ddr":
+        transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "ddr", i) for i in range(n)))
+    elif tier == "nvme":
+        transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "nvme", i) for i in range(n)))
+
+
+def _fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least squares y = latency + x / bandwidth, with latency >= 0."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    latency = my - slope * mx
+    if latency < 0 or slope <= 0:
+        latency = 0.0
+        slope = sum(y for y in ys) / sum(xs)
+    return {"bandwidth": 1.0 / slope, "latency": latency}
+
