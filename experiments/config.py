@@ -41,13 +41,18 @@ class LiveConfig:
     `warmup_requests` short requests first, `timeout_s` per run. On a shared VM the hypervisor can
     take CPU from this machine mid-run ("steal" time in /proc/stat); a run that lost more than
     `max_cpu_steal` of its CPU time is kept on disk but not counted, and run again, at most
-    `max_attempts` times per point in all (null: count every run)."""
+    `max_attempts` times per point in all (null: count every run). With `speed_probe` (and a
+    calibrated profile on the simulate side), a few fixed steps are timed before and after each
+    live run; the simulator's step times are scaled by how much slower or faster than its profile
+    the machine ran them (the median over the point's probes), so a prediction is made for the
+    machine as it is during the measurement, not as it was at calibration."""
 
     repeats: int = 3
     warmup_requests: int = 4
     timeout_s: float = 1800.0
     max_cpu_steal: float | None = None
     max_attempts: int = 10
+    speed_probe: bool = True
 
     def __post_init__(self) -> None:
         if self.max_cpu_steal is not None and not 0 < self.max_cpu_steal <= 1:
@@ -74,7 +79,8 @@ class SweepPoint:
     def slug(self) -> str:
         if not self.overrides:
             return f"{self.index:03d}"
-        parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.overrides.items()]
+        parts = [v["label"] if isinstance(v, dict) and "label" in v else f"{k.rsplit('.', 1)[-1]}={v}"
+                 for k, v in self.overrides.items()]
         return f"{self.index:03d}_" + "_".join(parts).replace("/", "-").replace(" ", "")
 
 
@@ -127,6 +133,9 @@ class ExperimentConfig:
             overrides = dict(zip(keys, combo))
             point = copy.deepcopy(base)
             for key, value in overrides.items():
+                # A mapping may carry a `label` naming the point; it is not part of the config.
+                if isinstance(value, dict):
+                    value = {k: v for k, v in value.items() if k != "label"}
                 _set_path(point, key, value)
             try:
                 sim = SimulationConfig.from_dict(point, base_dir)

@@ -50,6 +50,12 @@ class LiveRunner:
                 for k in range(num_requests)
             ])
 
+    def probe(self) -> list:
+        """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`)."""
+        from sagellm.engine.calibration import speed_probe
+
+        return speed_probe(self.engine)
+
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:
         from sagellm.engine import GenerateRequest
         from sagellm.engine.replay import replay
@@ -62,6 +68,7 @@ class LiveRunner:
         ]
         from sagellm.backends.cpu_time import CpuTimes, steal_fraction
 
+        self.engine.reset_prefix_cache()  # each run starts cold: no KV left from warm-up or earlier runs
         cpu_before = CpuTimes.read()
         outputs, start = replay(self.engine, timed, timeout_s)
         steal = steal_fraction(cpu_before, CpuTimes.read())
@@ -73,7 +80,9 @@ class LiveRunner:
         for o in outputs:
             itls.extend(o.metrics.inter_token_latencies)
         summary = summarize(records, itls, slo)
-        return LiveResult(records, itls, summary, {"engine_stats": self.engine.get_stats(), "cpu_steal": steal})
+        stats = self.engine.get_stats()
+        summary["prefix_hit_rate"] = stats["kv"]["hit_rate"]
+        return LiveResult(records, itls, summary, {"engine_stats": stats, "cpu_steal": steal})
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -88,22 +89,17 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
 
 def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _LivePool,
                echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
-    from simulator.sim import Simulation
-
     sim_cfg = point.simulation
     title = f"[{point.slug}]"
     sides: list[dict[str, Any]] = []
-    predicted = None
-    if "simulate" in cfg.sides:
-        result = Simulation(sim_cfg).run(progress=progress)
-        write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
-        predicted = result.summary
-        sides.append({"side": "simulate", "repeat": -1, "summary": _clean(result.summary)})
-        echo(format_summary(result.summary, f"{title} simulated ({result.info['cost_model']})"))
     measured = []
+    probes: list[float] = []
+    cost_model = _profiled_cost_model(point) if "simulate" in cfg.sides else None
+    # The live side runs first so that its speed probes can set the simulator's speed factor.
     if "live" in cfg.sides:
         trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
         runner = live.get(sim_cfg)
+        probe = cfg.live.speed_probe and cost_model is not None
         limit = cfg.live.max_cpu_steal
         attempt = 0
         while len(measured) < cfg.live.repeats:
@@ -111,9 +107,13 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                 raise RuntimeError(
                     f"{title} only {len(measured)} of {cfg.live.repeats} live runs lost less than {limit:.0%} of their "
                     f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
+            before = cost_model.speed_factor(runner.probe()) if probe else None
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
+            after = cost_model.speed_factor(runner.probe()) if probe else None
             steal = res.info.get("cpu_steal")
             counted = limit is None or steal is None or steal <= limit
+            if probe:
+                res.info["speed_factor_before"], res.info["speed_factor_after"] = before, after
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             write_side(pdir / name, res.records, res.summary, res.info)
@@ -121,34 +121,61 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
                  f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
                  + ("" if steal is None else f", CPU stolen by other VMs {steal:.1%}")
+                 + ("" if not probe else f", machine speed vs profile {before:.2f}x before, {after:.2f}x after")
                  + ("" if counted else f" > {limit:.0%}: not counted, run again"))
             if counted:
                 measured.append(res.summary)
+                if probe:
+                    probes += [before, after]
                 sides.append({"side": "live", "repeat": r, "cpu_steal": steal, "summary": _clean(res.summary)})
     doc: dict[str, Any] = {"point": point.slug, "overrides": point.overrides, "sides": sides}
-    if predicted is not None and measured:
-        table = compare(predicted, measured)
-        doc["fidelity"] = [_clean(r.to_dict()) for r in table]
-        pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
-        echo(format_table(table, f"{title} predicted vs measured (median of {len(measured)} live runs)"))
+    if probes:
+        doc["speed_factor"] = statistics.median(probes)
+        doc["speed_probes"] = probes
+    if "simulate" in cfg.sides:
+        _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated")
     return doc
 
 
-def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],
-                      echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
+def _profiled_cost_model(point: SweepPoint):
+    """The point's calibrated profile (a fresh object, free to rescale), or None for a roofline."""
+    from simulator.build import build_cost_model, resolve_shape
+    from simulator.cost.profiled import ProfiledCostModel
+
+    sim = point.simulation
+    shape = resolve_shape(sim.model, sim.sagellm, sim.base_dir)
+    model, spec = build_cost_model(sim.hardware, shape, sim.sagellm, sim.base_dir)
+    return model if spec is None and isinstance(model, ProfiledCostModel) else None
+
+
+def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_model, echo: Callable[[str], None],
+                    progress: bool, verb: str) -> None:
+    """Simulate the point (with the live side's speed factor, if any), then compare with its live runs."""
     from simulator.sim import Simulation
 
-    result = Simulation(point.simulation).run(progress=progress)
+    factor = doc.get("speed_factor")
+    if cost_model is not None and factor is not None:
+        cost_model.serving_factor *= factor
+    result = Simulation(point.simulation, cost_model=cost_model).run(progress=progress)
+    if factor is not None:
+        result.summary["speed_factor"] = factor
+        result.info["speed_factor"] = factor
     write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
     live = [side for side in doc["sides"] if side["side"] == "live"]
     doc["sides"] = [{"side": "simulate", "repeat": -1, "summary": _clean(result.summary)}, *live]
     title = f"[{point.slug}]"
-    echo(format_summary(result.summary, f"{title} simulated again ({result.info['cost_model']})"))
+    scaled = "" if factor is None else f", step times x {factor:.2f} for the machine's speed now"
+    echo(format_summary(result.summary, f"{title} {verb} ({result.info['cost_model']}{scaled})"))
     if live:
         table = compare(result.summary, [side["summary"] for side in live])
         doc["fidelity"] = [_clean(r.to_dict()) for r in table]
         pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
         echo(format_table(table, f"{title} predicted vs measured (median of {len(live)} live runs)"))
+
+
+def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],
+                      echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    _simulate_point(point, pdir, doc, _profiled_cost_model(point), echo, progress, "simulated again")
     return doc
 
 

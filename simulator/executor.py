@@ -18,20 +18,27 @@ class PredictedExecutor:
     `max_new_tokens` equal to the trace's output length, so each request ends exactly there.
     The step's KV operations run before it, as the engine runs them: each run of same-direction
     copies is one transfer of `block_bytes` per block, priced by `cost_model.transfer_time`
-    (`transfer_seconds` adds them up). No other side effects.
+    (`transfer_seconds` adds them up). With `layerwise_layers` = L (`KVGranularity.LAYER`) the
+    copies overlap the forward pass layer by layer, as the engine runs them: the step takes
+    max(compute, copies) + copies / L (the first layer's copies cannot overlap anything).
+    No other side effects.
     """
 
-    def __init__(self, cost_model: CostModel, token_id: int = 0, block_bytes: int = 0) -> None:
+    def __init__(self, cost_model: CostModel, token_id: int = 0, block_bytes: int = 0,
+                 layerwise_layers: int = 0) -> None:
         self.cost_model = cost_model
         self.token_id = token_id
         self.block_bytes = block_bytes
+        self.layerwise_layers = layerwise_layers
         self.transfer_seconds = 0.0
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         sampled = dict.fromkeys(compress(out.request_ids, out.samples), self.token_id)
         duration = self.cost_model.step_time(out)
         if out.kv_ops:
-            duration += self.kv_ops_time(out)
+            copies = self.kv_ops_time(out)
+            layers = self.layerwise_layers
+            duration = max(duration, copies) + copies / layers if layers else duration + copies
         return StepResult(out.step_id, sampled, (), duration)
 
     def kv_ops_time(self, out: SchedulerOutput) -> float:

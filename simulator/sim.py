@@ -16,6 +16,7 @@ from typing import Any
 import simpy
 
 from sagellm.config import ConfigError
+from sagellm.core.kv.tiers import KVGranularity
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.router import make_router
@@ -67,10 +68,12 @@ class Simulation:
         self.env = simpy.Environment()
         self.collector = MetricsCollector(config.kv_sample_interval)
         n = config.cluster.num_replicas
+        layerwise = cfg.kv_cache.granularity == KVGranularity.LAYER.value
         self.router = make_router(config.cluster.router, n)
         self.replicas = [
             Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks),
-                    PredictedExecutor(cost_model, block_bytes=kv_block_bytes(self.shape, cfg)),
+                    PredictedExecutor(cost_model, block_bytes=kv_block_bytes(self.shape, cfg),
+                                      layerwise_layers=self.shape.num_layers if layerwise else 0),
                     self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
             for i in range(n)
         ]
@@ -120,6 +123,7 @@ class Simulation:
         summary = summarize(records, self.collector.inter_token_latencies, self.config.slo.to_slo())
         summary["num_rejected"] = len(self.rejected)
         summary["num_unfinished"] = unfinished
+        summary["prefix_hit_rate"] = self.kv_stats()["hit_rate"]
         info = {
             "simulated_seconds": self.env.now,
             "num_steps": sum(r.num_steps for r in self.replicas),

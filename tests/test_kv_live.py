@@ -75,8 +75,9 @@ def baseline() -> dict[str, dict[str, tuple[int, ...]]]:
 @pytest.mark.parametrize("kv", [
     {"num_blocks": 200, "enable_prefix_caching": True},
     TIERED,
+    {**TIERED, "granularity": "layer"},
     {"num_blocks": 36, "granularity": "request", "ddr_num_blocks": 64},
-], ids=["prefix-caching", "ddr-nvme-tiers", "request-swapping"])
+], ids=["prefix-caching", "ddr-nvme-tiers", "layer-wise-tiers", "request-swapping"])
 def test_greedy_outputs_equal_those_without_caching(kv: dict, baseline: dict) -> None:
     got, stats, _ = run_live(kv_config(**kv), multi_turn_trace())
     assert got == baseline["multi_turn"]

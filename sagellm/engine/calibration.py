@@ -55,6 +55,16 @@ def default_grid(max_tokens: int) -> list[Chunks]:
     return [g for g in grid if sum(c + n for c, n in g) <= max_tokens and all(c + n <= 2048 for c, n in g)]
 
 
+# A few representative steps (a prefill chunk, decode batches, a mixed step), timed before and after
+# live runs to measure how fast the machine is right now relative to its calibrated profile.
+PROBE_GRID: list[Chunks] = [((0, 256),), ((256, 1),) * 8, ((1024, 1),) * 16, ((0, 128),) + ((256, 1),) * 8]
+
+
+def speed_probe(engine, repeats: int = 5) -> list[CalibrationSample]:
+    """Time `PROBE_GRID` on an idle engine (same method and side effects as `measure`)."""
+    return measure(engine, PROBE_GRID, repeats=repeats, warmup=1, seed=1)
+
+
 def describe(chunks: Chunks) -> str:
     decodes = [c for c, n in chunks if n == 1 and c > 0]
     prefills = [(c, n) for c, n in chunks if not (n == 1 and c > 0)]

@@ -16,6 +16,7 @@ import torch
 from sagellm.backends import device_info, resolve_device
 from sagellm.config import SageLLMConfig
 from sagellm.core.kv.manager import KVCacheManager
+from sagellm.core.kv.tiers import KVGranularity
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
@@ -99,7 +100,7 @@ class SageLLMEngine:
         self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
         self.executor = LiveExecutor(
             ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed,
-            self.kv_transfers,
+            self.kv_transfers, layerwise=policy.granularity is KVGranularity.LAYER,
         )
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(shape.eos_token_ids)))
         self._stopping = False
@@ -169,6 +170,20 @@ class SageLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def reset_prefix_cache(self, timeout: float = 60.0) -> None:
+        """Forget all cached KV blocks in every tier and zero the KV stats, once no request is in
+        flight (waits up to `timeout` seconds for that; RuntimeError if it does not happen)."""
+        self._check_alive()
+        done: queue.Queue = queue.Queue()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._inbox.put(("reset_cache", done.put))
+            if done.get(timeout=timeout):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("reset_prefix_cache: requests are still in flight")
+            time.sleep(0.05)
 
     def get_stats(self) -> dict[str, Any]:
         self._require_initialized()
@@ -300,6 +315,11 @@ class SageLLMEngine:
                 self._finish(req)
         elif kind == "add":
             self._add(*payload)
+        elif kind == "reset_cache":
+            ok = self.kv_manager.reset_cache()
+            if ok:
+                self.kv_transfers.run(self.kv_manager.take_ops())
+            payload(ok)
         elif kind == "add_many":
             pendings, arrival = payload
             for pending in pendings:

@@ -10,6 +10,7 @@ import torch
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.sampling import SamplingParams
 from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.kv_layerwise import LayerwiseTransfer
 from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.sampler import Sampler
@@ -40,9 +41,10 @@ class LiveExecutor:
     """
 
     def __init__(self, runner: ModelRunner, tokenizer: TextTokenizer, base_seed: int,
-                 transfers: KVTransferExecutor | None = None) -> None:
+                 transfers: KVTransferExecutor | None = None, layerwise: bool = False) -> None:
         self.runner = runner
         self.transfers = transfers
+        self.layerwise = LayerwiseTransfer(transfers) if layerwise and transfers is not None else None
         self.tokenizer = tokenizer
         self.sampler = Sampler()
         self.base_seed = base_seed
@@ -64,8 +66,16 @@ class LiveExecutor:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         t0 = time.perf_counter()
-        failed_blocks = self.transfers.run(out.kv_ops) if out.kv_ops else []
-        ids, logits, skipped = self.runner.execute(out, failed_blocks)
+        if out.kv_ops and self.layerwise is not None:
+            # Layer by layer: each layer's copies overlap the forward pass of the layers before it.
+            failed_blocks = self.layerwise.start(out.kv_ops)
+            try:
+                ids, logits, skipped = self.runner.execute(out, failed_blocks, self.layerwise.wait)
+            finally:
+                self.layerwise.finish()
+        else:
+            failed_blocks = self.transfers.run(out.kv_ops) if out.kv_ops else []
+            ids, logits, skipped = self.runner.execute(out, failed_blocks)
         sampled: dict[str, int] = {}
         stopped: list[str] = []
         if ids:

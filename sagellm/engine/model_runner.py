@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sagellm.accel.kernels import paged_decode_kernel
@@ -40,8 +42,8 @@ class ModelRunner:
             else:
                 self.block_tables[s.request_id].extend(s.new_block_ids)
 
-    def execute(self, out: SchedulerOutput, bad_blocks: list[int] | None = None
-                ) -> tuple[list[str], torch.Tensor, list[str]]:
+    def execute(self, out: SchedulerOutput, bad_blocks: list[int] | None = None,
+                before_layer: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
         self._update_tables(out)
         skipped: list[str] = []
         scheduled = out.scheduled
@@ -91,6 +93,7 @@ class ModelRunner:
             decode_mask=None,
             prefills=prefills,
             block_size=bs,
+            before_layer=before_layer,
         )
         if decode_rows:
             max_blocks = max(-(-n // bs) for n in decode_lens)

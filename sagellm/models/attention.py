@@ -44,6 +44,7 @@ class AttentionMetadata:
     block_size: int
     decode_lens: torch.Tensor | None = None
     decode_kernel: Callable | None = None
+    before_layer: Callable[[int], None] | None = None  # e.g. wait for that layer's KV loads
 
 
 class PagedKVCache:

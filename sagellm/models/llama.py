@@ -154,7 +154,10 @@ class LlamaModel:
     ) -> torch.Tensor:
         hidden = self.embed.index_select(0, token_ids)
         cos, sin = self.rope.tables(positions)
+        before_layer = meta.before_layer
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
             hidden = layer.forward(hidden, cos, sin, kv_cache.layer(i), meta)
         last = hidden.index_select(0, logit_rows)
         last = rms_norm(last, self.norm, self.shape.rms_norm_eps)

@@ -161,6 +161,12 @@ class ProfiledCostModel:
         """The fitted time of `batch` as the calibration grid measured it: one step alone."""
         return _dot(self.coefficients, features(self.shape, self.dtype, batch))
 
+    def speed_factor(self, samples: list[Any]) -> float:
+        """How much slower (> 1) or faster the machine runs `samples` (calibration samples of a
+        speed probe, timed now) than this profile predicts: sum measured / sum predicted."""
+        predicted = sum(self.predict(s.batch) for s in samples)
+        return sum(s.median_seconds for s in samples) / predicted
+
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
             return 0.0

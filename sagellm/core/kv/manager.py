@@ -197,6 +197,20 @@ class KVCacheManager:
             self.pool.uncache(b)
         self.stats.load_failures += len(blocks)
 
+    def reset_cache(self) -> bool:
+        """Forget every cached block in every tier and zero the stats (between experiment runs).
+        Only when no request holds blocks or swapped copies; returns False (nothing changes) otherwise."""
+        if self._tables or self._swapped:
+            return False
+        for b in list(self.pool.block_hash):
+            self.pool.uncache(b)
+        for tier in self.lower:
+            for key in list(tier.slots):
+                self._ops.append(KVOp(DROP, tier.tier, tier.take(key)))
+        self._access.clear()
+        self.stats = KVStats(self.block_size)
+        return True
+
     # ---- request granularity: swap a preempted request out and back -----------------------------
     def is_swapped(self, request_id: str) -> bool:
         return request_id in self._swapped
