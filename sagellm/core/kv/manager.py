@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 from sagellm.core.kv.block_pool import BlockPool
 from sagellm.core.kv.stats import KVStats
-from sagellm.core.kv.tier_pool import TierPool
-from sagellm.core.kv.tiers import DROP, LOAD, OFFLOAD, PROMOTE, KVOp, KVPolicy, StorageTier
+from sagellm.core.kv.tiering import TierPolicy
+from sagellm.core.kv.tiers import DROP, LOAD, OFFLOAD, KVOp, KVPolicy, StorageTier
 
 HBM = StorageTier.HBM.value
 DDR = StorageTier.DDR.value
@@ -44,18 +44,18 @@ class KVCacheManager:
         self.caching = self.policy.enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
-        self.ddr = TierPool(DDR, self.policy.ddr_blocks) if self.policy.ddr_blocks else None
-        self.nvme = TierPool(NVME, self.policy.nvme_blocks) if self.policy.nvme_blocks else None
-        self.lower: list[TierPool] = [t for t in (self.ddr, self.nvme) if t is not None]
-        self.stats = KVStats(block_size)
-        self._ops: list[KVOp] = []
-        self._access: dict[int, int] = {}  # content hash -> prefix hits on it
+        self.tiers = TierPolicy(self.policy, self.pool, block_size)
+        self.ddr, self.nvme, self.lower = self.tiers.ddr, self.tiers.nvme, self.tiers.lower
         self._num_registered: dict[str, int] = {}
         self._swapped: dict[str, tuple[list[int], int]] = {}  # request -> (DDR slots, tokens)
-        self._now = 0.0
-        self.pool.on_evict = self._on_device_evict
-        if self.policy.eviction_policy == "lfu":
-            self.pool.choose_victim = self._device_lfu_victim
+
+    @property
+    def stats(self) -> KVStats:
+        return self.tiers.stats
+
+    def step_begin(self, now: float) -> None:
+        """Time-driven tiering, once per step (see `TierPolicy.step_begin`)."""
+        self.tiers.step_begin(now)
 
     # ---- capacity ---------------------------------------------------------------------------
     @property
@@ -109,10 +109,7 @@ class KVCacheManager:
 
     def take_ops(self) -> tuple[KVOp, ...]:
         """The KV operations decided since the last call, in execution order."""
-        if not self._ops:
-            return ()
-        ops, self._ops = tuple(self._ops), []
-        return ops
+        return self.tiers.take_ops()
 
     # ---- prefix reuse -------------------------------------------------------------------------
     def lookup(self, hashes: Sequence[int]) -> list[Hit]:
@@ -146,11 +143,11 @@ class KVCacheManager:
         revived = sum(1 for tier, b in hits if tier == HBM and pool.ref_count(b) == 0)
         if need + len(lower_hits) > pool.num_free - revived:
             return None
-        self._now = now
+        self.tiers.now = now
         stats = self.stats
         stats.lookups += 1
         stats.query_blocks += query_blocks
-        access = self._access
+        access = self.tiers.access
         table = [-1] * len(hits)
         for i, (tier, b) in enumerate(hits):
             h = hashes[i]
@@ -160,12 +157,12 @@ class KVCacheManager:
                 pool.retain(b)
                 table[i] = b
             else:
-                self._tier(tier).pin(h)
+                self.tiers.tier(tier).pin(h)
         fresh = pool.allocate(need + len(lower_hits))
         for i in lower_hits:
-            tier = self._tier(hits[i][0])
+            tier = self.tiers.tier(hits[i][0])
             dst = fresh.pop()
-            self._copy(LOAD, tier.tier, tier.take(hashes[i]), HBM, dst, request_id)
+            self.tiers.copy(LOAD, tier.tier, tier.take(hashes[i]), HBM, dst, request_id)
             pool.register(dst, hashes[i])
             table[i] = dst
         table.extend(fresh)
@@ -193,7 +190,7 @@ class KVCacheManager:
         for b in blocks:
             h = self.pool.block_hash.get(b)
             if h is not None:
-                self._access.pop(h, None)
+                self.tiers.access.pop(h, None)
             self.pool.uncache(b)
         self.stats.load_failures += len(blocks)
 
@@ -206,9 +203,9 @@ class KVCacheManager:
             self.pool.uncache(b)
         for tier in self.lower:
             for key in list(tier.slots):
-                self._ops.append(KVOp(DROP, tier.tier, tier.take(key)))
-        self._access.clear()
-        self.stats = KVStats(self.block_size)
+                self.tiers.ops.append(KVOp(DROP, tier.tier, tier.take(key)))
+        self.tiers.access.clear()
+        self.tiers.stats = KVStats(self.block_size)
         return True
 
     # ---- request granularity: swap a preempted request out and back -----------------------------
@@ -220,14 +217,14 @@ class KVCacheManager:
         blocks; False (nothing copied, blocks still held) if DDR cannot make room."""
         ddr = self.ddr
         n = blocks_for_tokens(num_tokens, self.block_size)
-        if ddr is None or n == 0 or not self._make_room(ddr, n, now):
+        if ddr is None or n == 0 or not self.tiers.make_room(ddr, n, now):
             self.stats.swap_fallbacks += 1
             return False
         table = self._tables[request_id]
         slots = []
         for i in range(n):
             slot = ddr.store(("swap", request_id, i), now, evictable=False)
-            self._copy(OFFLOAD, HBM, table[i], DDR, slot, request_id)
+            self.tiers.copy(OFFLOAD, HBM, table[i], DDR, slot, request_id)
             slots.append(slot)
         self.stats.swaps_out += 1
         self.free(request_id, now)
@@ -245,125 +242,15 @@ class KVCacheManager:
         table = self.pool.allocate(need)
         if table is None:
             return None
-        self._now = now
+        self.tiers.now = now
         del self._swapped[request_id]
         for i, dst in enumerate(table[: len(slots)]):
             self.ddr.take(("swap", request_id, i))
-            self._copy(LOAD, DDR, slots[i], HBM, dst, request_id)
+            self.tiers.copy(LOAD, DDR, slots[i], HBM, dst, request_id)
         self.stats.swaps_in += 1
         self._tables[request_id] = table
         self._num_registered[request_id] = 0
         return tuple(table)
-
-    # ---- tiering ----------------------------------------------------------------------------
-    def step_begin(self, now: float) -> None:
-        """Time-driven tiering, once per step: cold cached blocks move down a tier, hot NVMe blocks
-        move up to free DDR space."""
-        self._now = now
-        policy = self.policy
-        if not self.lower or not self.caching:
-            return
-        timeout = policy.cold_timeout_s
-        if timeout is not None:
-            self._demote_cold_device(now - timeout, now)
-            if self.ddr is not None and self.nvme is not None:
-                self._demote_cold_tier(self.ddr, now - timeout, now)
-        nvme, ddr = self.nvme, self.ddr
-        if nvme is not None and ddr is not None and nvme.hot:
-            for _ in range(min(policy.max_promotions_per_step, ddr.num_free, len(nvme.hot))):
-                key = next(iter(nvme.hot))
-                src = nvme.take(key)
-                dst = ddr.store(key, now, hot=True)
-                self._copy(PROMOTE, NVME, src, DDR, dst)
-
-    def _demote_cold_device(self, limit: float, now: float) -> None:
-        pool, hot = self.pool, self.policy.hot_access_threshold
-        evictable = pool.evictable
-        while evictable:
-            b, released = next(iter(evictable.items()))
-            if released > limit:
-                return
-            h = pool.block_hash[b]
-            if self._access.get(h, 0) >= hot:
-                # A hot block stays on the device; its idle clock restarts.
-                evictable.move_to_end(b)
-                evictable[b] = now
-                continue
-            pool.drop_evictable(b)
-            self.stats.cold_offloads += 1
-            self.stats.evictions[HBM] += 1
-            self._demote(0, h, HBM, b)
-
-    def _demote_cold_tier(self, tier: TierPool, limit: float, now: float) -> None:
-        level = self.lower.index(tier)
-        while tier.lru:
-            key, stored = next(iter(tier.lru.items()))
-            if stored > limit:
-                return
-            if key in tier.hot:
-                tier.lru.move_to_end(key)
-                tier.lru[key] = now
-                continue
-            slot = tier.take(key)
-            self.stats.cold_offloads += 1
-            self.stats.evictions[tier.tier] += 1
-            self._demote(level + 1, key, tier.tier, slot)
-
-    def _on_device_evict(self, block: int, h: int) -> None:
-        self.stats.evictions[HBM] += 1
-        self._demote(0, h, HBM, block)
-
-    def _demote(self, level: int, h: int, src_tier: str, src_index: int) -> None:
-        """Content `h`, now at (src_tier, src_index), moves to lower tier `level` (making room there
-        by demoting that tier's victim first), or is dropped when there is no such tier."""
-        if level >= len(self.lower):
-            self._drop(h, src_tier, src_index)
-            return
-        tier = self.lower[level]
-        if not self._make_room(tier, 1, self._now):
-            self._drop(h, src_tier, src_index)
-            return
-        hot = self._access.get(h, 0) >= self.policy.hot_access_threshold
-        slot = tier.store(h, self._now, hot=hot)
-        self._copy(OFFLOAD, src_tier, src_index, tier.tier, slot)
-
-    def _make_room(self, tier: TierPool, n: int, now: float) -> bool:
-        """Demote victims of `tier` until it has `n` free slots; False if pinned entries prevent it."""
-        if tier.num_free >= n:
-            return True
-        if tier.num_slots - len(tier.slots) + len(tier.lru) < n:
-            return False
-        level = self.lower.index(tier)
-        while tier.num_free < n:
-            key = self._tier_victim(tier)
-            slot = tier.take(key)
-            self.stats.evictions[tier.tier] += 1
-            self._demote(level + 1, key, tier.tier, slot)
-        return True
-
-    def _drop(self, h: int, tier: str, index: int) -> None:
-        self._access.pop(h, None)
-        self.stats.drops[tier] += 1
-        if tier != HBM:
-            self._ops.append(KVOp(DROP, tier, index))
-
-    def _copy(self, kind: str, src: str, src_index: int, dst: str, dst_index: int,
-              request_id: str | None = None) -> None:
-        self._ops.append(KVOp(kind, src, src_index, dst, dst_index, request_id))
-        self.stats.copies[f"{kind}:{src}->{dst}"] += 1
-
-    def _tier(self, name: str) -> TierPool:
-        return self.ddr if name == DDR else self.nvme
-
-    def _tier_victim(self, tier: TierPool) -> Hashable:
-        if self.policy.eviction_policy == "lfu":
-            access = self._access
-            return min(tier.lru, key=lambda k: access.get(k, 0))
-        return next(iter(tier.lru))
-
-    def _device_lfu_victim(self) -> int:
-        access, block_hash = self._access, self.pool.block_hash
-        return min(self.pool.evictable, key=lambda b: access.get(block_hash[b], 0))
 
     # ---- checks ---------------------------------------------------------------------------------
     def owners(self) -> dict[str, list[int]]:
