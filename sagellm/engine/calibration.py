@@ -57,12 +57,17 @@ def default_grid(max_tokens: int) -> list[Chunks]:
 
 # A few representative steps (a prefill chunk, decode batches, a mixed step), timed before and after
 # live runs to measure how fast the machine is right now relative to its calibrated profile.
-PROBE_GRID: list[Chunks] = [((0, 256),), ((256, 1),) * 8, ((1024, 1),) * 16, ((0, 128),) + ((256, 1),) * 8]
+# They fit a pool of 72 blocks of 16 tokens (smaller pools probe with the shapes that fit).
+PROBE_GRID: list[Chunks] = [((0, 256),), ((240, 1),) * 4, ((80, 1),) * 12, ((0, 128),) + ((112, 1),) * 6]
 
 
 def speed_probe(engine, repeats: int = 5) -> list[CalibrationSample]:
     """Time `PROBE_GRID` on an idle engine (same method and side effects as `measure`)."""
-    return measure(engine, PROBE_GRID, repeats=repeats, warmup=1, seed=1)
+    bs, blocks = engine.kv_manager.block_size, engine.kv_manager.num_blocks
+    grid = [g for g in PROBE_GRID if sum(-(-(c + n) // bs) for c, n in g) <= blocks]
+    if not grid:
+        raise ValueError(f"the speed probe needs a KV pool of at least 17 blocks of 16 tokens, not {blocks}")
+    return measure(engine, grid, repeats=repeats, warmup=1, seed=1)
 
 
 def describe(chunks: Chunks) -> str:
