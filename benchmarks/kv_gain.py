@@ -28,15 +28,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--num-requests", type=int, default=None, help="first N requests of the trace (default: all)")
+    p.add_argument("--compare", choices=["caching", "tiers", "both"], default="both")
     args = p.parse_args()
     reuse = ExperimentConfig.from_yaml(ROOT / "experiments/prefix_reuse.yaml")
     tiering = ExperimentConfig.from_yaml(ROOT / "experiments/tiering.yaml")
-    variants = {
-        "caching off": (reuse.points[0].simulation, reuse),
-        "caching on": (reuse.points[1].simulation, reuse),
-        "hbm only": (tiering.points[0].simulation, tiering),
-        "hbm+ddr+nvme": (tiering.points[1].simulation, tiering),
-    }
+    variants = {}
+    if args.compare in ("caching", "both"):
+        variants["caching off"] = (reuse.points[0].simulation, reuse)
+        variants["caching on"] = (reuse.points[1].simulation, reuse)
+    if args.compare in ("tiers", "both"):
+        variants["hbm only"] = (tiering.points[0].simulation, tiering)
+        variants["hbm+ddr+nvme"] = (tiering.points[1].simulation, tiering)
     runners, traces = {}, {}
     for name, (sim, _) in variants.items():
         runners[name] = LiveRunner(sim.sagellm)
@@ -63,12 +65,12 @@ def main() -> None:
     for name in variants:
         ttft, hit = med(name, "ttft_mean") * 1e3, med(name, "prefix_hit_rate")
         print(f"  {name:13s} TTFT mean {ttft:7.0f} ms, hit rate {hit:.2f}")
-    ratios = [r1["ttft_mean"] / r0["ttft_mean"] for r0, r1 in zip(results["caching off"], results["caching on"])]
-    print(f"mean TTFT, caching on / off: {statistics.median(ratios):.3f} (per round: "
-          + ", ".join(f"{x:.3f}" for x in ratios) + ")")
-    ratios = [r1["ttft_mean"] / r0["ttft_mean"] for r0, r1 in zip(results["hbm only"], results["hbm+ddr+nvme"])]
-    print(f"mean TTFT, tiers / HBM only: {statistics.median(ratios):.3f} (per round: "
-          + ", ".join(f"{x:.3f}" for x in ratios) + ")")
+    for base, other, label in (("caching off", "caching on", "caching on / off"),
+                               ("hbm only", "hbm+ddr+nvme", "tiers / HBM only")):
+        if base in results:
+            ratios = [r1["ttft_mean"] / r0["ttft_mean"] for r0, r1 in zip(results[base], results[other])]
+            print(f"mean TTFT, {label}: {statistics.median(ratios):.3f} (per round: "
+                  + ", ".join(f"{x:.3f}" for x in ratios) + ")")
 
 
 if __name__ == "__main__":

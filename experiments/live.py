@@ -54,7 +54,9 @@ class LiveRunner:
         """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`)."""
         from sagellm.engine.calibration import speed_probe
 
-        return speed_probe(self.engine)
+        samples = speed_probe(self.engine)
+        self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
+        return samples
 
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:
         from sagellm.engine import GenerateRequest

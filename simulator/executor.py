@@ -19,8 +19,9 @@ class PredictedExecutor:
     The step's KV operations run before it, as the engine runs them: each run of same-direction
     copies is one transfer of `block_bytes` per block, priced by `cost_model.transfer_time`
     (`transfer_seconds` adds them up). With `layerwise_layers` = L (`KVGranularity.LAYER`) the
-    copies overlap the forward pass layer by layer, as the engine runs them: the step takes
-    max(compute, copies) + copies / L (the first layer's copies cannot overlap anything).
+    copies between device and host overlap the forward pass layer by layer, as the engine runs
+    them: the step takes file copies + max(compute, other copies) + other copies / L (the first
+    layer's copies overlap nothing; the engine reads and writes the NVMe file before and after).
     No other side effects.
     """
 
@@ -36,17 +37,25 @@ class PredictedExecutor:
         sampled = dict.fromkeys(compress(out.request_ids, out.samples), self.token_id)
         duration = self.cost_model.step_time(out)
         if out.kv_ops:
-            copies = self.kv_ops_time(out)
+            file_copies, other = self.kv_ops_time(out)
             layers = self.layerwise_layers
-            duration = max(duration, copies) + copies / layers if layers else duration + copies
+            if layers:
+                duration = file_copies + max(duration, other) + other / layers
+            else:
+                duration += file_copies + other
         return StepResult(out.step_id, sampled, (), duration)
 
-    def kv_ops_time(self, out: SchedulerOutput) -> float:
-        """Predicted seconds of the step's KV copies."""
-        t = 0.0
+    def kv_ops_time(self, out: SchedulerOutput) -> tuple[float, float]:
+        """Predicted seconds of the step's KV copies: (to or from NVMe, the others)."""
+        file_copies = other = 0.0
         transfer = self.cost_model.transfer_time
         for src, dst, ops in op_groups(out.kv_ops):
-            if dst is not None:
-                t += transfer(len(ops) * self.block_bytes, src, dst)
-        self.transfer_seconds += t
-        return t
+            if dst is None:
+                continue
+            t = transfer(len(ops) * self.block_bytes, src, dst)
+            if "nvme" in (src, dst):
+                file_copies += t
+            else:
+                other += t
+        self.transfer_seconds += file_copies + other
+        return file_copies, other

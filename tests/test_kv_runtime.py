@@ -117,9 +117,9 @@ def test_eviction_policy_picks_the_victim(policy_name: str) -> None:
 
 
 def sched_hash(tokens: list[int]) -> int:
-    from sagellm.core.kv.hashing import ROOT_HASH
+    from sagellm.core.kv.hashing import ROOT_HASH, block_hash
 
-    return hash((ROOT_HASH, tuple(tokens[:BS])))
+    return block_hash(ROOT_HASH, tokens[:BS])
 
 
 def test_cold_blocks_move_to_ddr_after_the_timeout_but_hot_ones_stay() -> None:

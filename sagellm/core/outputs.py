@@ -56,8 +56,11 @@ class SchedulerOutput:
     The six per-request tuples are parallel: entry i of each describes the i-th scheduled request
     (same meaning as the fields of `ScheduledRequest`). `finished_ids` lists requests that ended
     (stopped, aborted) since the previous step, so the executor can drop per-request state;
-    `preempted_ids` lists requests whose blocks were freed this step (they will return with
-    `resets_block_table`). Construction checks that the columns have equal lengths.
+    `preempted_ids` lists requests whose blocks were freed since the previous step (preempted, or
+    sent back to recompute after a failed KV load; they return with `resets_block_table`).
+    `kv_ops` are the KV operations (`KVOp`: offloads, loads, promotions, drops between tiers) to
+    run, in order, before the step's forward pass. Construction checks that the columns have
+    equal lengths.
     """
 
     step_id: int

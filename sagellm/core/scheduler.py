@@ -1,9 +1,12 @@
-"""Continuous-batching scheduler with chunked prefill and preemption by recompute (stdlib only).
+"""Continuous-batching scheduler with chunked prefill, prefix reuse and preemption (stdlib only).
 
 There is no prefill or decode phase: each step every request gets some number of tokens to compute,
 `num_tokens - num_computed_tokens` at most, within a per-step token budget. Running requests go
 first in admission order (so decodes are never stalled by new prompts), then waiting requests are
-admitted first-come first-served while the budget, `max_num_seqs` and the KV pool allow.
+admitted first-come first-served while the budget, `max_num_seqs` and the KV pool allow, each
+starting after its longest cached prefix when prefix caching is on. A preempted request is
+recomputed, or swapped to DDR and back under `KVGranularity.REQUEST`. The KV manager's decisions
+(loads, offloads, drops) leave in each step's `SchedulerOutput.kv_ops`.
 """
 
 from __future__ import annotations
@@ -107,8 +110,6 @@ class Scheduler:
     # `schedule` and `update` are the simulator's inner loop (one iteration per request per step),
     # so they are written flat: no per-request objects or helper calls on the common decode path.
     def schedule(self, now: float) -> SchedulerOutput:
-        if self._tiering and self.requests:
-            self.kv.step_begin(now)
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
@@ -208,6 +209,9 @@ class Scheduler:
             rows.append((rid, start, req.token_slice(start, end), new_blocks, True, end == total))
             budget -= n
 
+        if self._tiering and self.requests:
+            # After admissions, so that a prefix about to be reused is not demoted first.
+            kv.step_begin(now)
         self._step_id += 1
         columns = tuple(zip(*rows)) if rows else ((),) * 6
         if self._failed_since_last_step:
@@ -270,13 +274,17 @@ class Scheduler:
     def _recompute_failed(self, result: StepResult, now: float) -> None:
         """A KV load failed (checksum): forget the bad blocks and recompute the requests that read them."""
         self.kv.invalidate(result.failed_blocks)
-        for rid in result.failed_request_ids:
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue
+        failed = [self.requests.get(rid) for rid in result.failed_request_ids]
+        failed = [r for r in failed if r is not None and r.status is RequestStatus.RUNNING]
+        for req in reversed(failed):  # back to the front of the queue, in their order
+            rid = req.request_id
             self.running.remove(req)
-            self._preempt(req, now, swap=False)
-            self._failed_since_last_step.append(rid)
+            self._slots.pop(rid, None)
+            self.kv.free(rid, now)
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+        self._failed_since_last_step += [r.request_id for r in failed]
 
     def _allocate(self, request_id: str, num_tokens: int) -> tuple[int, ...] | None:
         new_blocks = self.kv.allocate_slots(request_id, num_tokens)

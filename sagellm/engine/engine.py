@@ -175,12 +175,17 @@ class SageLLMEngine:
         """Forget all cached KV blocks in every tier and zero the KV stats, once no request is in
         flight (waits up to `timeout` seconds for that; RuntimeError if it does not happen)."""
         self._check_alive()
-        done: queue.Queue = queue.Queue()
         deadline = time.monotonic() + timeout
         while True:
-            self._inbox.put(("reset_cache", done.put))
-            if done.get(timeout=timeout):
-                return
+            done: queue.Queue = queue.Queue()
+            request = {"reply": done.put, "cancelled": False}
+            self._inbox.put(("reset_cache", request))
+            try:
+                if done.get(timeout=max(0.0, deadline - time.monotonic()) + 1.0):
+                    return
+            except queue.Empty:
+                request["cancelled"] = True  # the loop must not act on it later
+                raise RuntimeError("reset_prefix_cache: the engine loop did not answer in time") from None
             if time.monotonic() > deadline:
                 raise RuntimeError("reset_prefix_cache: requests are still in flight")
             time.sleep(0.05)
@@ -280,18 +285,26 @@ class SageLLMEngine:
             if self._stopping or not self.scheduler.has_unfinished():
                 continue
             out = self.scheduler.schedule(time.monotonic())
-            if out.is_empty:
-                self.executor.execute(out)
-                continue
             try:
                 result = self.executor.execute(out)
                 finished = self.scheduler.update(out, result, time.monotonic())
             except Exception as exc:  # a failed step must not kill the loop or hang callers
                 log.exception("step %d failed", out.step_id)
+                self._distrust_kv_ops(out)
                 self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
                 continue
-            self._dispatch(out, finished)
+            if not out.is_empty:
+                self._dispatch(out, finished)
         self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
+
+    def _distrust_kv_ops(self, out: Any) -> None:
+        """After a failed step, nothing its KV operations wrote is trusted: the device blocks they
+        filled lose their cached identity, and the lower-tier slots they wrote fail any later load
+        (which then recomputes)."""
+        dst_blocks = [op.dst_index for op in out.kv_ops if op.dst_tier == "hbm"]
+        if dst_blocks:
+            self.kv_manager.invalidate(dst_blocks)
+        self.kv_transfers.distrust(out.kv_ops)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -316,10 +329,12 @@ class SageLLMEngine:
         elif kind == "add":
             self._add(*payload)
         elif kind == "reset_cache":
+            if payload["cancelled"]:
+                return
             ok = self.kv_manager.reset_cache()
             if ok:
                 self.kv_transfers.run(self.kv_manager.take_ops())
-            payload(ok)
+            payload["reply"](ok)
         elif kind == "add_many":
             pendings, arrival = payload
             for pending in pendings:

@@ -16,6 +16,8 @@ import torch
 from sagellm.core.kv.tiers import KVOp
 from sagellm.engine.kv_tiers import KVTransferExecutor
 
+WAIT_TIMEOUT_S = 600.0  # a copy thread that stalls this long fails the step instead of hanging it
+
 
 class LayerwiseTransfer:
     """One step's KV operations, carried out layer by layer on a background thread.
@@ -38,10 +40,11 @@ class LayerwiseTransfer:
         failed: list[int] = []
         # Each copy becomes (src kind, src, dst kind, dst): kinds "hbm" and "ddr" index the stores,
         # "buf" is a whole block in memory (read from NVMe before the step, or bound for NVMe after it).
-        plan: list[tuple[str, object, str, object]] = []
+        plan: list[tuple[str, object, str, object] | None] = []  # None: a drop (ends a batched run)
         nvme_pending: dict[int, torch.Tensor] = {}  # NVMe slot -> the block this step writes there
         for op in ops:  # validity bookkeeping in order, as the whole-block path does it
             if op.dst_tier is None:
+                plan.append(None)
                 if op.src_tier == "nvme":
                     tr.nvme.forget(op.src_index)
                     nvme_pending.pop(op.src_index, None)
@@ -78,38 +81,51 @@ class LayerwiseTransfer:
             plan.append((src_kind, src, dst_kind, dst))
         self._events = [threading.Event() for _ in range(self.num_layers)]
         self._error = None
-        self._thread = threading.Thread(target=self._copy, args=(plan, nvme_pending), daemon=True,
+        self._thread = threading.Thread(target=self._copy, args=(plan, nvme_pending, self._events), daemon=True,
                                         name="sagellm-kv-layerwise")
         self._thread.start()
         return failed
 
     def wait(self, layer: int) -> None:
-        self._events[layer].wait()
+        if not self._events[layer].wait(WAIT_TIMEOUT_S):
+            raise RuntimeError(f"layer-wise KV copy: layer {layer} not ready after {WAIT_TIMEOUT_S:.0f} s")
         if self._error is not None:
             raise RuntimeError("layer-wise KV copy failed") from self._error
 
     def finish(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(WAIT_TIMEOUT_S)
+            if self._thread.is_alive():
+                raise RuntimeError(f"layer-wise KV copy still running after {WAIT_TIMEOUT_S:.0f} s")
             self._thread = None
         if self._error is not None:
             raise RuntimeError("layer-wise KV copy failed") from self._error
 
-    def _copy(self, plan: list[tuple[str, object, str, object]], nvme_writes: dict[int, torch.Tensor]) -> None:
-        tr = self.transfers
-        cache = tr.cache.tensor
-        dev = cache.device
-        # Runs of device/host copies in the same direction move as one indexed copy per layer.
-        runs: list[tuple[str, str, list, list]] = []
-        for src_kind, src, dst_kind, dst in plan:
-            batchable = src_kind != "buf" and dst_kind != "buf"
-            if batchable and runs and runs[-1][0] == src_kind and runs[-1][1] == dst_kind:
-                runs[-1][2].append(src)
-                runs[-1][3].append(dst)
-            else:
-                runs.append((src_kind, dst_kind, [src], [dst]))
-        indexed = [(sk, dk, self._index(sk, srcs, dev), self._index(dk, dsts, dev)) for sk, dk, srcs, dsts in runs]
+    def _copy(self, plan: list[tuple[str, object, str, object] | None], nvme_writes: dict[int, torch.Tensor],
+              events: list[threading.Event]) -> None:
         try:
+            tr = self.transfers
+            cache = tr.cache.tensor
+            dev = cache.device
+            # Runs of device/host copies in the same direction move as one indexed copy per layer; a
+            # drop, a memory block or an index seen before in the run ends it (as `op_groups` does).
+            runs: list[tuple[str, str, list, list]] = []
+            open_run = False
+            for item in plan:
+                if item is None:
+                    open_run = False
+                    continue
+                src_kind, src, dst_kind, dst = item
+                batchable = src_kind != "buf" and dst_kind != "buf"
+                last = runs[-1] if runs else None
+                if (batchable and open_run and last[0] == src_kind and last[1] == dst_kind
+                        and src not in last[2] and dst not in last[3]):
+                    last[2].append(src)
+                    last[3].append(dst)
+                else:
+                    runs.append((src_kind, dst_kind, [src], [dst]))
+                    open_run = batchable
+            indexed = [(sk, dk, self._index(sk, srcs, dev), self._index(dk, dsts, dev)) for sk, dk, srcs, dsts in runs]
             for layer in range(self.num_layers):
                 for src_kind, dst_kind, src, dst in indexed:
                     if src_kind == "hbm":
@@ -124,13 +140,13 @@ class LayerwiseTransfer:
                         tr.ddr.tensor[dst, layer] = data.to("cpu")
                     else:
                         dst[layer].copy_(data[0])
-                self._events[layer].set()
+                events[layer].set()
             for slot, block in nvme_writes.items():
                 tr.nvme.write(slot, tr._to_bytes(block))
         except BaseException as exc:  # surfaced to the forward pass by wait() / finish()
             self._error = exc
         finally:
-            for event in self._events:
+            for event in events:
                 event.set()
 
     @staticmethod

@@ -97,6 +97,14 @@ class KVTransferExecutor:
         if self.nvme is not None:
             self.nvme.close()
 
+    def distrust(self, ops: tuple[KVOp, ...]) -> None:
+        """Mark every lower-tier slot `ops` write as invalid (their step failed part-way)."""
+        for op in ops:
+            if op.dst_tier == "ddr":
+                self.ddr.valid[op.dst_index] = False
+            elif op.dst_tier == "nvme":
+                self.nvme.forget(op.dst_index)
+
     def run(self, ops: tuple[KVOp, ...]) -> list[int]:
         failed: list[int] = []
         for src, dst, group in op_groups(ops):

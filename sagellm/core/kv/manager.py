@@ -105,7 +105,7 @@ class KVCacheManager:
         swapped = self._swapped.pop(request_id, None)
         if swapped is not None:
             for i in range(len(swapped[0])):
-                self.ddr.take(("swap", request_id, i))
+                self.tiers.ops.append(KVOp(DROP, DDR, self.ddr.take(("swap", request_id, i))))
 
     def take_ops(self) -> tuple[KVOp, ...]:
         """The KV operations decided since the last call, in execution order."""
@@ -217,7 +217,9 @@ class KVCacheManager:
         blocks; False (nothing copied, blocks still held) if DDR cannot make room."""
         ddr = self.ddr
         n = blocks_for_tokens(num_tokens, self.block_size)
-        if ddr is None or n == 0 or not self.tiers.make_room(ddr, n, now):
+        if ddr is None or n == 0:
+            return False
+        if not self.tiers.make_room(ddr, n, now):
             self.stats.swap_fallbacks += 1
             return False
         table = self._tables[request_id]

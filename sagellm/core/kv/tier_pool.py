@@ -9,11 +9,11 @@ from collections.abc import Hashable
 class TierPool:
     """`num_slots` block-sized slots of one tier.
 
-    Contract: `store(key, now)` puts an entry in a free slot and returns the slot, or None when the
-    tier is full. Entries are cached blocks (keyed by content hash, evictable, tracked oldest
-    first by when they were stored) or pinned entries (a swapped-out request's blocks, or a cached
-    block a pending load reads), which are never victims. `take(key)` removes an entry and frees
-    its slot at once (an operation later in the same step may reuse it).
+    Contract: `store(key, now)` puts an entry in a free slot and returns the slot. Entries are
+    cached blocks (keyed by content hash, evictable, tracked oldest first by when they were
+    stored) or pinned entries (a swapped-out request's blocks, or a cached block a pending load
+    reads), which are never victims. `take(key)` removes an entry and frees its slot at once (an
+    operation later in the same step may reuse it).
     """
 
     def __init__(self, tier: str, num_slots: int) -> None:
@@ -35,9 +35,11 @@ class TierPool:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.slots
 
-    def store(self, key: Hashable, now: float, *, evictable: bool = True, hot: bool = False) -> int | None:
+    def store(self, key: Hashable, now: float, *, evictable: bool = True, hot: bool = False) -> int:
+        """Put `key` in a free slot and return the slot. Precondition: a slot is free and `key` is
+        not stored (callers make room first); ValueError otherwise."""
         if not self._free or key in self.slots:
-            return None
+            raise ValueError(f"{self.tier}: cannot store {key!r} (full, or already stored)")
         slot = self._free.popleft()
         self.slots[key] = slot
         if evictable:

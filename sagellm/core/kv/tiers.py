@@ -46,8 +46,9 @@ class KVOp:
     Copy operations (`offload`, `load`, `promote`) copy the content of block `src_index` of tier
     `src_tier` into block `dst_index` of tier `dst_tier`; afterwards the source block is free and
     may be the destination of a later operation of the same step. `drop` forgets `src_index` of
-    `src_tier` (`dst_tier` and `dst_index` are None). `request_id` names the request a `load` serves
-    (the engine recomputes that request if the copy fails its checksum), else None.
+    `src_tier` (`dst_tier` and `dst_index` are None). `request_id` names the request a copy is for
+    (a load for its prefix, a swap out or in), None for cache moves; it is informational (the
+    engine finds the requests that read a failed block from their block tables).
     """
 
     kind: str
@@ -119,11 +120,18 @@ class KVPolicy:
 def op_groups(ops: tuple[KVOp, ...]) -> list[tuple[str, str | None, list[KVOp]]]:
     """Runs of consecutive operations of the same kind of move, as (src tier, dst tier, ops), in
     order: each run of copies is one batched transfer on either side; a drop is a run of its own
-    with dst None."""
+    with dst None. A run never reads or writes one index twice, so a batched copy equals the
+    operations one by one."""
     groups: list[tuple[str, str | None, list[KVOp]]] = []
+    srcs: set[int] = set()  # what the current run reads and writes
+    dsts: set[int] = set()
     for op in ops:
-        if op.kind != DROP and groups and groups[-1][0] == op.src_tier and groups[-1][1] == op.dst_tier:
+        if (op.kind != DROP and groups and groups[-1][0] == op.src_tier and groups[-1][1] == op.dst_tier
+                and op.src_index not in srcs and op.dst_index not in dsts):
             groups[-1][2].append(op)
         else:
             groups.append((op.src_tier, op.dst_tier, [op]))
+            srcs, dsts = set(), set()
+        srcs.add(op.src_index)
+        dsts.add(op.dst_index)
     return groups
