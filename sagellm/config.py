@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagellm.core.kv.tiers import EVICTION_POLICIES, KVGranularity, KVPolicy
+from sagellm.core.kv.tiers import KVGranularity, KVPolicy, check_tiering_fields
 from sagellm.core.scheduler import SchedulerLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,14 +87,11 @@ class KVCacheConfig:
         for name in ("ddr_memory_gb", "nvme_memory_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"kv_cache.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.eviction_policy not in EVICTION_POLICIES:
-            raise ConfigError(f"kv_cache.eviction_policy: {self.eviction_policy!r} is not one of {EVICTION_POLICIES}")
-        if self.cold_timeout_s is not None and self.cold_timeout_s <= 0:
-            raise ConfigError(f"kv_cache.cold_timeout_s: must be > 0 or null, got {self.cold_timeout_s}")
-        if self.hot_access_threshold < 1:
-            raise ConfigError(f"kv_cache.hot_access_threshold: must be >= 1, got {self.hot_access_threshold}")
-        if self.max_promotions_per_step < 0:
-            raise ConfigError(f"kv_cache.max_promotions_per_step: must be >= 0, got {self.max_promotions_per_step}")
+        try:
+            check_tiering_fields(self.eviction_policy, self.cold_timeout_s, self.hot_access_threshold,
+                                 self.max_promotions_per_step)
+        except ValueError as exc:
+            raise ConfigError(f"kv_cache.{exc}") from None
 
     def tier_blocks(self, block_bytes: int) -> tuple[int, int]:
         """(DDR blocks, NVMe blocks) for blocks of `block_bytes` bytes."""

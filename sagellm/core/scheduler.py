@@ -196,7 +196,8 @@ class Scheduler:
             elif start:
                 new_blocks = kv.swap_in(rid, end, now)
             else:
-                new_blocks = self._allocate(rid, end)
+                added = kv.allocate_slots(rid, end)
+                new_blocks = None if added is None else tuple(added)
             if new_blocks is None:
                 break
             self._slots[rid] = kv.num_slots(rid)

@@ -130,14 +130,16 @@ class KVTransferExecutor:
         return []
 
     def _ddr_to_hbm(self, group: list[KVOp]) -> list[int]:
-        ok = [op for op in group if self.ddr.valid[op.src_index]]
+        valid = self.ddr.valid
+        ok = [op for op in group if valid[op.src_index]]
+        failed = [op.dst_index for op in group if not valid[op.src_index]]
         for op in group:
-            self.ddr.valid[op.src_index] = False
+            valid[op.src_index] = False
         if ok:
             src = self.ddr.tensor[torch.tensor([op.src_index for op in ok])]
             index = torch.tensor([op.dst_index for op in ok], dtype=torch.long, device=self.cache.tensor.device)
             self.cache.tensor.index_copy_(2, index, src.to(self.cache.tensor.device).permute(1, 2, 0, 3, 4, 5))
-        return [op.dst_index for op in group if op not in ok]
+        return failed
 
     def _to_bytes(self, block: torch.Tensor) -> bytes:
         return block.contiguous().view(torch.uint8).numpy().tobytes()

@@ -36,10 +36,6 @@ class BlockPool:
         """Blocks `allocate` can hand out: empty ones plus evictable cached ones."""
         return len(self._free) + len(self.evictable)
 
-    @property
-    def num_empty(self) -> int:
-        return len(self._free)
-
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 

@@ -233,9 +233,6 @@ class KVCacheManager:
         self._swapped[request_id] = (slots, num_tokens)
         return True
 
-    def swapped_tokens(self, request_id: str) -> int:
-        return self._swapped[request_id][1]
-
     def swap_in(self, request_id: str, num_tokens: int, now: float) -> tuple[int, ...] | None:
         """A fresh table for a swapped-out request: its DDR blocks copied back (queued loads), then
         new blocks up to `num_tokens` tokens; None when the pool cannot hold it (nothing changes)."""

@@ -58,13 +58,22 @@ class KVOp:
     dst_index: int | None = None
     request_id: str | None = None
 
-    @property
-    def is_copy(self) -> bool:
-        return self.kind != DROP
-
     def to_dict(self) -> dict:
         return {"kind": self.kind, "src_tier": self.src_tier, "src_index": self.src_index,
                 "dst_tier": self.dst_tier, "dst_index": self.dst_index, "request_id": self.request_id}
+
+
+def check_tiering_fields(eviction_policy: str, cold_timeout_s: float | None, hot_access_threshold: int,
+                         max_promotions_per_step: int) -> None:
+    """ValueError "<field>: ..." for the first tiering setting out of range (shared with `KVCacheConfig`)."""
+    if eviction_policy not in EVICTION_POLICIES:
+        raise ValueError(f"eviction_policy: {eviction_policy!r} is not one of {EVICTION_POLICIES}")
+    if cold_timeout_s is not None and cold_timeout_s <= 0:
+        raise ValueError(f"cold_timeout_s: must be > 0 or null, got {cold_timeout_s}")
+    if hot_access_threshold < 1:
+        raise ValueError(f"hot_access_threshold: must be >= 1, got {hot_access_threshold}")
+    if max_promotions_per_step < 0:
+        raise ValueError(f"max_promotions_per_step: must be >= 0, got {max_promotions_per_step}")
 
 
 @dataclass(frozen=True)
@@ -94,14 +103,8 @@ class KVPolicy:
         object.__setattr__(self, "granularity", KVGranularity(self.granularity))
         if self.ddr_blocks < 0 or self.nvme_blocks < 0:
             raise ValueError("ddr_blocks and nvme_blocks must be >= 0")
-        if self.eviction_policy not in EVICTION_POLICIES:
-            raise ValueError(f"eviction_policy {self.eviction_policy!r} is not one of {EVICTION_POLICIES}")
-        if self.cold_timeout_s is not None and self.cold_timeout_s <= 0:
-            raise ValueError(f"cold_timeout_s must be > 0 or None, got {self.cold_timeout_s}")
-        if self.hot_access_threshold < 1:
-            raise ValueError(f"hot_access_threshold must be >= 1, got {self.hot_access_threshold}")
-        if self.max_promotions_per_step < 0:
-            raise ValueError(f"max_promotions_per_step must be >= 0, got {self.max_promotions_per_step}")
+        check_tiering_fields(self.eviction_policy, self.cold_timeout_s, self.hot_access_threshold,
+                             self.max_promotions_per_step)
         if (self.ddr_blocks or self.nvme_blocks) and not self.enable_prefix_caching and not self.swaps:
             raise ValueError("ddr/nvme tiers hold cached prefix blocks or swapped requests: enable prefix "
                              "caching or use granularity 'request'")
@@ -112,9 +115,6 @@ class KVPolicy:
     def swaps(self) -> bool:
         return self.granularity is KVGranularity.REQUEST
 
-    @property
-    def has_lower_tiers(self) -> bool:
-        return bool(self.ddr_blocks or self.nvme_blocks)
 
 
 def op_groups(ops: tuple[KVOp, ...]) -> list[tuple[str, str | None, list[KVOp]]]:
