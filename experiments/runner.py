@@ -225,12 +225,12 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
         if sim.hardware != "local":
             continue
         shape = resolve_shape(sim.model, sim.sagellm, sim.base_dir)
-        key = (shape, sim.sagellm.model.dtype)
+        key = (shape, sim.sagellm.model.dtype, sim.sagellm.backend.num_threads)
         if key in seen:
             continue
         seen.add(key)
         try:
-            find_local_profile(shape, sim.sagellm.model.dtype)
+            find_local_profile(shape, sim.sagellm.model.dtype, threads=sim.sagellm.backend.num_threads)
         except ConfigError:
             if not cfg.calibrate:
                 raise

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.core.kv.tiers import KVGranularity, KVPolicy, check_tiering_fields
+from sagellm.core.pd import InferenceMode, ScheduleMode, resolve_modes
 from sagellm.core.scheduler import SchedulerLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -115,15 +116,44 @@ class KVCacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: at most `max_num_seqs` running requests and
-    `max_num_batched_tokens` tokens per step; prompts are split into chunks when
-    `chunked_prefill` is on."""
+    """Batching and prefill/decode scheduling.
+
+    At most `max_num_seqs` running requests (the batch size) and `max_num_batched_tokens` tokens
+    per step, of which at most `max_prefill_batch` prefill rows and `max_decode_batch` decode rows
+    (null: no cap of their own); prompts are split into chunks when `chunked_prefill` is on.
+    `mode` (`ScheduleMode`): "hybrid" mixes prefill chunks and decodes in one step; "time_share"
+    alternates prefill-only and decode-only steps, running `time_share_decode_steps` decode steps
+    between two prefill steps while both kinds of work wait (0: prefill first); "strict" separates
+    `prefill_workers` prefill workers from `decode_workers` decode workers, with the KV handed
+    from one to the other. `inference_mode`: "standard", "pd_separate" (= mode strict), or the
+    role of one worker, "prefill_only" / "decode_only". `retry_on_worker_failure`: requests of a
+    worker that dies are run again on the others (else they fail with an error)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     chunked_prefill: bool = True
+    max_prefill_batch: int | None = 8
+    max_decode_batch: int | None = 64
+    mode: str = "hybrid"
+    inference_mode: str = "standard"
+    time_share_decode_steps: int = 0
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    retry_on_worker_failure: bool = False
 
     def __post_init__(self) -> None:
+        try:
+            resolve_modes(self.mode, self.inference_mode)
+        except ValueError as exc:
+            raise ConfigError(f"scheduler.{exc}") from None
+        for name in ("max_prefill_batch", "max_decode_batch"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"scheduler.{name}: must be > 0 or null, got {getattr(self, name)}")
+        for name in ("prefill_workers", "decode_workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"scheduler.{name}: must be > 0, got {getattr(self, name)}")
+        if self.time_share_decode_steps < 0:
+            raise ConfigError(f"scheduler.time_share_decode_steps: must be >= 0, got {self.time_share_decode_steps}")
         if self.max_num_seqs <= 0:
             raise ConfigError(f"scheduler.max_num_seqs: must be > 0, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
@@ -131,7 +161,19 @@ class SchedulerConfig:
                 f"scheduler.max_num_batched_tokens: must be > 0, got {self.max_num_batched_tokens}"
             )
 
-    def limits(self, max_model_len: int) -> SchedulerLimits:
+    @property
+    def schedule_mode(self) -> ScheduleMode:
+        return resolve_modes(self.mode, self.inference_mode)[0]
+
+    @property
+    def role(self) -> InferenceMode:
+        """The role of a single worker built from this config (STANDARD for hybrid, time_share and
+        for the coordinator of a strict cluster, which gives its workers their roles)."""
+        im = InferenceMode(self.inference_mode)
+        return im if im in (InferenceMode.PREFILL_ONLY, InferenceMode.DECODE_ONLY) else InferenceMode.STANDARD
+
+    def limits(self, max_model_len: int, role: InferenceMode | None = None) -> SchedulerLimits:
+        """The policy layer's limits for one worker of role `role` (None: `self.role`)."""
         budget = self.max_num_batched_tokens
         if not self.chunked_prefill:
             budget = max(budget, max_model_len)
@@ -140,6 +182,11 @@ class SchedulerConfig:
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
             chunked_prefill=self.chunked_prefill,
+            max_prefill_batch=self.max_prefill_batch,
+            max_decode_batch=self.max_decode_batch,
+            time_share=self.schedule_mode is ScheduleMode.TIME_SHARE,
+            time_share_decode_steps=self.time_share_decode_steps,
+            role=role or self.role,
         )
 
 

@@ -81,7 +81,8 @@ def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, b
 
     dtype = sagellm.model.dtype
     if hardware == "local":
-        return ProfiledCostModel.load(find_local_profile(shape, dtype)), None
+        threads = sagellm.backend.num_threads
+        return ProfiledCostModel.load(find_local_profile(shape, dtype, threads=threads)), None
     path = Path(hardware)
     if path.suffix == ".json":
         if not path.is_absolute():

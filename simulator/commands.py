@@ -120,7 +120,7 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             samples += measure_in_situ(engine)
         shape, dtype = engine.shape, config.model.dtype
         meta = {
-            "id": profile_id(shape, dtype),
+            "id": profile_id(shape, dtype, threads=torch.get_num_threads()),
             "machine": machine_identity(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

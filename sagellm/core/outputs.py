@@ -59,8 +59,9 @@ class SchedulerOutput:
     `preempted_ids` lists requests whose blocks were freed since the previous step (preempted, or
     sent back to recompute after a failed KV load; they return with `resets_block_table`).
     `kv_ops` are the KV operations (`KVOp`: offloads, loads, promotions, drops between tiers) to
-    run, in order, before the step's forward pass. Construction checks that the columns have
-    equal lengths.
+    run, in order, before the step's forward pass. `handoff_ids` (prefill-only workers) are the
+    requests whose prompt completes in this step: the executor exports their KV for a decode
+    worker. Construction checks that the columns have equal lengths.
     """
 
     step_id: int
@@ -73,6 +74,7 @@ class SchedulerOutput:
     preempted_ids: tuple[str, ...] = ()
     finished_ids: tuple[str, ...] = ()
     kv_ops: tuple[KVOp, ...] = ()
+    handoff_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
@@ -146,6 +148,7 @@ class SchedulerOutput:
             "preempted_ids": list(self.preempted_ids),
             "finished_ids": list(self.finished_ids),
             "kv_ops": [op.to_dict() for op in self.kv_ops],
+            "handoff_ids": list(self.handoff_ids),
         }
 
 

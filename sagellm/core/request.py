@@ -16,6 +16,8 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    # Done on a prefill-only worker: the first token is sampled and the KV leaves for a decode worker.
+    FINISHED_PREFILLED = "prefilled"
 
     @property
     def finished(self) -> bool:
@@ -27,6 +29,7 @@ _FINISHED = {
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
+    RequestStatus.FINISHED_PREFILLED,
 }
 
 
@@ -55,6 +58,9 @@ class Request:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    # On a decode-only worker: tokens of KV that arrive from the prefill worker at first admission
+    # (the request comes with its first output token; 0 once received or after a preemption).
+    remote_kv_tokens: int = 0
     # Set once: the prompt length; and, by the scheduler on admission, the total length at which the
     # request stops (max_new_tokens or the context window) and the token ids that stop it.
     num_prompt_tokens: int = field(init=False, default=0)

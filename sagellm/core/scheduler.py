@@ -1,12 +1,19 @@
 """Continuous-batching scheduler with chunked prefill, prefix reuse and preemption (stdlib only).
 
-There is no prefill or decode phase: each step every request gets some number of tokens to compute,
-`num_tokens - num_computed_tokens` at most, within a per-step token budget. Running requests go
-first in admission order (so decodes are never stalled by new prompts), then waiting requests are
-admitted first-come first-served while the budget, `max_num_seqs` and the KV pool allow, each
-starting after its longest cached prefix when prefix caching is on. A preempted request is
-recomputed, or swapped to DDR and back under `KVGranularity.REQUEST`. The KV manager's decisions
-(loads, offloads, drops) leave in each step's `SchedulerOutput.kv_ops`.
+In the HYBRID mode there is no prefill or decode phase: each step every request gets some number
+of tokens to compute, `num_tokens - num_computed_tokens` at most, within a per-step token budget.
+Running requests go first in admission order (decodes, then the one prompt a budget may have cut,
+so decodes are never stalled by new prompts), then waiting requests are admitted first-come
+first-served while the budget, `max_num_seqs`, `max_prefill_batch` and the KV pool allow, each
+starting after its longest cached prefix when prefix caching is on. In TIME_SHARE a step holds
+only prefill rows or only decode rows (see `sagellm.core.pd`). A preempted request is recomputed,
+or swapped to DDR and back under `KVGranularity.REQUEST`. The KV manager's decisions (loads,
+offloads, drops) leave in each step's `SchedulerOutput.kv_ops`.
+
+Roles (`InferenceMode`): a PREFILL_ONLY scheduler ends each request once its first token is
+sampled (status FINISHED_PREFILLED) and lists it in `handoff_ids`: the executor exports its KV. A
+DECODE_ONLY scheduler admits requests that come with their first token and `remote_kv_tokens`:
+it allocates their blocks and emits `receive` operations that fill them from the hand-off.
 """
 
 from __future__ import annotations
@@ -16,20 +23,38 @@ from dataclasses import dataclass
 
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
+from sagellm.core.kv.tiers import RECEIVE, KVOp
 from sagellm.core.outputs import SchedulerOutput, StepResult
+from sagellm.core.pd import InferenceMode
 from sagellm.core.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    """Per-step limits. `max_model_len` caps prompt plus output of one request."""
+    """Per-step limits. `max_model_len` caps prompt plus output of one request; a step holds at
+    most `max_prefill_batch` prefill rows and `max_decode_batch` decode rows (None: no cap beyond
+    `max_num_seqs`). `time_share` makes every step prefill-only or decode-only, with
+    `time_share_decode_steps` decode steps between prefill steps while both kinds of work wait.
+    `role` is the worker's `InferenceMode` (STANDARD, PREFILL_ONLY or DECODE_ONLY)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     chunked_prefill: bool = True
+    max_prefill_batch: int | None = None
+    max_decode_batch: int | None = None
+    time_share: bool = False
+    time_share_decode_steps: int = 0
+    role: InferenceMode = InferenceMode.STANDARD
 
     def __post_init__(self) -> None:
+        if self.role not in (InferenceMode.STANDARD, InferenceMode.PREFILL_ONLY, InferenceMode.DECODE_ONLY):
+            raise ValueError(f"role must be standard, prefill_only or decode_only, got {self.role!r}")
+        if self.time_share_decode_steps < 0:
+            raise ValueError(f"time_share_decode_steps must be >= 0, got {self.time_share_decode_steps}")
+        for name in ("max_prefill_batch", "max_decode_batch"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(self, name)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -67,6 +92,10 @@ class Scheduler:
         self.caching = kv.caching
         self.swaps = kv.policy.swaps
         self._tiering = bool(kv.lower) and kv.caching
+        self.prefill_only = limits.role is InferenceMode.PREFILL_ONLY
+        self._max_prefill = limits.max_prefill_batch or limits.max_num_seqs
+        self._max_decode = limits.max_decode_batch or limits.max_num_seqs
+        self._decode_steps_since_prefill = 0
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -77,9 +106,15 @@ class Scheduler:
                 f"request {request.request_id!r}: prompt has {request.num_tokens} tokens but the "
                 f"context window is {self.max_model_len} tokens (prompt plus at least one new token)"
             )
+        if request.remote_kv_tokens and request.remote_kv_tokens != request.num_prompt_tokens:
+            raise ValueError(f"request {request.request_id!r}: remote_kv_tokens must equal the prompt length")
+        if request.remote_kv_tokens and len(request.output_token_ids) != 1:
+            raise ValueError(f"request {request.request_id!r}: a handed-off request brings exactly its first token")
         request.status = RequestStatus.WAITING
         sp = request.sampling
         request.token_limit = min(request.num_prompt_tokens + sp.max_new_tokens, self.max_model_len)
+        if self.prefill_only:
+            request.token_limit = min(request.token_limit, request.num_prompt_tokens + 1)
         request.stop_token_set = frozenset(sp.stop_token_ids) | (
             frozenset() if sp.ignore_eos else frozenset(request.eos_token_ids))
         if self.caching:
@@ -110,11 +145,61 @@ class Scheduler:
     # `schedule` and `update` are the simulator's inner loop (one iteration per request per step),
     # so they are written flat: no per-request objects or helper calls on the common decode path.
     def schedule(self, now: float) -> SchedulerOutput:
+        prefill_phase = None  # None: both kinds of rows (HYBRID); True or False: TIME_SHARE's phase
+        if self.limits.time_share:
+            prefill_phase = self._time_share_phase()
+        rows, preempted, receives = self._rows(now, prefill_phase)
+        if not rows and prefill_phase is not None and not preempted:
+            rows, preempted, receives = self._rows(now, not prefill_phase)  # nothing fits: the other phase
+            prefill_phase = not prefill_phase
+        if prefill_phase is not None and rows:
+            self._decode_steps_since_prefill = 0 if prefill_phase else self._decode_steps_since_prefill + 1
+        kv = self.kv
+        if self._tiering and self.requests:
+            # After admissions, so that a prefix about to be reused is not demoted first.
+            kv.step_begin(now)
+        self._step_id += 1
+        columns = tuple(zip(*rows)) if rows else ((),) * 6
+        if self._failed_since_last_step:
+            preempted = self._failed_since_last_step + preempted
+            self._failed_since_last_step = []
+        ops = kv.take_ops()
+        if receives:
+            ops = ops + tuple(receives)  # tier moves first: they may free the blocks receives fill
+        handoffs = tuple(r[0] for r in rows if r[5]) if self.prefill_only else ()
+        out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
+                              finished_ids=tuple(self._finished_since_last_step), kv_ops=ops,
+                              handoff_ids=handoffs)
+        self._finished_since_last_step = []
+        return out
+
+    def _time_share_phase(self) -> bool:
+        """TIME_SHARE's switching policy: True for a prefill step, False for a decode step."""
+        has_prefill = bool(self.waiting)
+        has_decode = False
+        for req in self.running:
+            if req.num_tokens - req.num_computed_tokens == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                has_decode = True
+            else:
+                has_prefill = True
+            if has_prefill and has_decode:
+                break
+        if not (has_prefill and has_decode):
+            return has_prefill
+        return self._decode_steps_since_prefill >= self.limits.time_share_decode_steps
+
+    def _rows(self, now: float, prefill_phase: bool | None) -> tuple[list[tuple], list[str], list[KVOp]]:
+        """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes."""
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
+        receives: list[KVOp] = []
         slots = self._slots
         running = self.running
+        skip_decodes = prefill_phase is True
+        skip_prefills = prefill_phase is False
+        max_decode, max_prefill = self._max_decode, self._max_prefill
+        n_decode = n_prefill = 0
 
         # Running requests first, in admission order. Their block tables already exist. This loop
         # stops at the first request whose blocks cannot be allocated; the loop after it preempts.
@@ -127,10 +212,19 @@ class Scheduler:
             out_ids = req.output_token_ids
             total = req.num_prompt_tokens + len(out_ids)
             rid = req.request_id
-            if total - start == 1 and start < slots[rid]:
+            is_decode = total - start == 1 and start >= req.num_prompt_tokens
+            if is_decode and start < slots[rid]:
                 # The common case: a decode whose next token fits in its blocks.
-                append((rid, start, (out_ids[-1],) if out_ids else (req.prompt_token_ids[-1],), (), False, True))
+                if skip_decodes or n_decode >= max_decode:
+                    i += 1
+                    continue
+                append((rid, start, (out_ids[-1],), (), False, True))
                 budget -= 1
+                n_decode += 1
+                i += 1
+                continue
+            if (skip_decodes if is_decode else (skip_prefills or n_prefill >= max_prefill)) or (
+                    is_decode and n_decode >= max_decode):
                 i += 1
                 continue
             end = min(total, start + budget)
@@ -141,6 +235,10 @@ class Scheduler:
                     break
             append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
             budget -= end - start
+            if is_decode:
+                n_decode += 1
+            else:
+                n_prefill += 1
             i += 1
         while i < len(running) and budget > 0:
             req = running[i]
@@ -148,6 +246,11 @@ class Scheduler:
             total = req.num_tokens
             n = total - start
             rid = req.request_id
+            is_decode = n == 1 and start >= req.num_prompt_tokens
+            if (skip_decodes if is_decode else (skip_prefills or n_prefill >= max_prefill)) or (
+                    is_decode and n_decode >= max_decode):
+                i += 1
+                continue
             if n > budget:
                 n = budget
             end = start + n
@@ -165,6 +268,10 @@ class Scheduler:
                     break
             rows.append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
             budget -= n
+            if is_decode:
+                n_decode += 1
+            else:
+                n_prefill += 1
             i += 1
 
         # Then waiting requests, first come first served; each starts a fresh block table (with
@@ -176,6 +283,24 @@ class Scheduler:
             rid = req.request_id
             total = req.num_tokens
             hits = None
+            if req.remote_kv_tokens:
+                # A handed-off request: its prompt's KV arrives from the prefill worker; it decodes.
+                if skip_decodes or n_decode >= max_decode:
+                    break
+                start = req.remote_kv_tokens
+                added = kv.allocate_slots(rid, total)
+                if added is None:
+                    break
+                receives.extend(KVOp(RECEIVE, "staging", j, "hbm", block, rid)
+                                for j, block in enumerate(added[: -(-start // kv.block_size)]))
+                req.remote_kv_tokens = 0
+                self._admit(req, start, now)
+                rows.append((rid, start, req.token_slice(start, total), tuple(added), True, True))
+                budget -= total - start
+                n_decode += 1
+                continue
+            if skip_prefills or n_prefill >= max_prefill:
+                break
             if self.swaps and kv.is_swapped(rid):
                 start = req.num_computed_tokens
             elif self.caching:
@@ -200,28 +325,21 @@ class Scheduler:
                 new_blocks = None if added is None else tuple(added)
             if new_blocks is None:
                 break
-            self._slots[rid] = kv.num_slots(rid)
-            req.num_computed_tokens = start
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-            running.append(req)
+            self._admit(req, start, now)
             rows.append((rid, start, req.token_slice(start, end), new_blocks, True, end == total))
             budget -= n
+            n_prefill += 1
+        return rows, preempted, receives
 
-        if self._tiering and self.requests:
-            # After admissions, so that a prefix about to be reused is not demoted first.
-            kv.step_begin(now)
-        self._step_id += 1
-        columns = tuple(zip(*rows)) if rows else ((),) * 6
-        if self._failed_since_last_step:
-            preempted = self._failed_since_last_step + preempted
-            self._failed_since_last_step = []
-        out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
-                              finished_ids=tuple(self._finished_since_last_step), kv_ops=kv.take_ops())
-        self._finished_since_last_step = []
-        return out
+    def _admit(self, req: Request, start: int, now: float) -> None:
+        """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
+        self._slots[req.request_id] = self.kv.num_slots(req.request_id)
+        req.num_computed_tokens = start
+        self.waiting.popleft()
+        req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+        self.running.append(req)
 
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
         """Apply one step's result; return the requests that finished in it."""
@@ -306,6 +424,8 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.sampling.max_new_tokens:
             return RequestStatus.FINISHED_LENGTH
+        if self.prefill_only and req.num_tokens < self.max_model_len:
+            return RequestStatus.FINISHED_PREFILLED  # the rest is decoded elsewhere
         req.stop_reason = "max_model_len"  # the only other condition `update` checks
         return RequestStatus.FINISHED_LENGTH
 

@@ -94,11 +94,14 @@ def model_key(shape: ModelShape) -> str:
             f"-KV{shape.num_kv_heads}-V{shape.vocab_size}")
 
 
-def profile_id(shape: ModelShape, dtype: str, device: str = "cpu") -> str:
+def profile_id(shape: ModelShape, dtype: str, device: str = "cpu", threads: int | None = None) -> str:
+    """The profile's name: device, CPU, core count, and `-<n>t` when it was timed with `threads`
+    threads other than one per core (a worker of a multi-process cluster runs one thread)."""
     ident = machine_identity()
     cpu = "".join(ch if ch.isalnum() else "-" for ch in ident["cpu"].lower()).strip("-")
     cpu = "-".join(p for p in cpu.split("-") if p)[:40]
-    return f"{device}-{cpu}-{ident['cpu_count']}c__{model_key(shape)}__{dtype}"
+    suffix = f"-{threads}t" if threads and threads != ident["cpu_count"] else ""
+    return f"{device}-{cpu}-{ident['cpu_count']}c{suffix}__{model_key(shape)}__{dtype}"
 
 
 @dataclass(frozen=True)
@@ -282,13 +285,15 @@ def _shape_dict(shape: ModelShape) -> dict[str, Any]:
     return asdict(shape)
 
 
-def find_local_profile(shape: ModelShape, dtype: str, directory: Path = PROFILE_DIR) -> Path:
-    """The profile of this machine for this model and dtype; ConfigError naming the fix if none."""
-    path = Path(directory) / f"{profile_id(shape, dtype)}.json"
+def find_local_profile(shape: ModelShape, dtype: str, directory: Path = PROFILE_DIR,
+                       threads: int | None = None) -> Path:
+    """The profile of this machine for this model, dtype and thread count (None: one thread per
+    core); ConfigError naming the fix if none."""
+    path = Path(directory) / f"{profile_id(shape, dtype, threads=threads)}.json"
     if path.exists():
         return path
     known = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).exists() else []
     raise ConfigError(
         f"hardware: 'local' needs a calibrated profile of this machine for {model_key(shape)} in {dtype} "
-        f"({path.name} in {directory}); run `sagellm calibrate --dtype {dtype}` first. Profiles present: {known}"
+        f"({path.name} in {directory}); run `sagellm calibrate --dtype {dtype}{f' --threads {threads}' if threads else ''}` first. Profiles present: {known}"
     )

@@ -37,6 +37,9 @@ OFFLOAD = "offload"  # copy a block down a tier (cache demotion or request swap-
 LOAD = "load"  # copy a block up into HBM because a request needs it now (prefix hit or swap-in)
 PROMOTE = "promote"  # copy a hot block up a tier ahead of need
 DROP = "drop"  # forget a block in a tier; nothing to copy
+# fill a device block from a prefill worker's hand-off (src_tier "staging": src_index is the
+# block's position in the request's handed-off KV)
+RECEIVE = "receive"
 
 
 @dataclass(frozen=True)
