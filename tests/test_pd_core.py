@@ -1,4 +1,4 @@
-"""The policy layer's prefill/decode modes: HYBRID, TIME_SHARE, the prefill-only and decode-only roles, the coordinator."""
+"""The policy layer's prefill/decode modes: HYBRID, TIME_SHARE, the two STRICT roles, the coordinator."""
 
 from __future__ import annotations
 

@@ -290,10 +290,11 @@ def find_local_profile(shape: ModelShape, dtype: str, directory: Path = PROFILE_
     """The profile of this machine for this model, dtype and thread count (None: one thread per
     core); ConfigError naming the fix if none."""
     path = Path(directory) / f"{profile_id(shape, dtype, threads=threads)}.json"
+    flag = f" --threads {threads}" if threads else ""
     if path.exists():
         return path
     known = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).exists() else []
     raise ConfigError(
         f"hardware: 'local' needs a calibrated profile of this machine for {model_key(shape)} in {dtype} "
-        f"({path.name} in {directory}); run `sagellm calibrate --dtype {dtype}{f' --threads {threads}' if threads else ''}` first. Profiles present: {known}"
+        f"({path.name} in {directory}); run `sagellm calibrate --dtype {dtype}{flag}` first. Profiles present: {known}"
     )
