@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core.kv.manager import KVCacheManager
+from sagellm.core.pd import InferenceMode
 from sagellm.core.scheduler import Scheduler
 from sagellm.graph import dtype_bytes
 from sagellm.models.presets import MODEL_PRESETS
@@ -67,11 +68,13 @@ def kv_block_bytes(shape: ModelShape, sagellm: SageLLMConfig) -> int:
     return sagellm.kv_cache.block_size * shape.kv_bytes_per_token(dtype_bytes(sagellm.model.dtype))
 
 
-def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int) -> Scheduler:
+def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int,
+                    role: InferenceMode | None = None) -> Scheduler:
+    """The scheduler of one worker, exactly as the engine builds it (`role` None: the config's)."""
     policy = sagellm.kv_cache.policy(kv_block_bytes(shape, sagellm))
     kv = KVCacheManager(num_blocks, sagellm.kv_cache.block_size, policy)
     limit = min(max_model_len(shape, sagellm), kv.capacity_tokens)
-    return Scheduler(kv, sagellm.scheduler.limits(limit))
+    return Scheduler(kv, sagellm.scheduler.limits(limit, role))
 
 
 def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, base_dir: Path = Path(".")

@@ -22,11 +22,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "%Y%m%dT%H%M%SZ", time.gmtime())
     write_run(out_dir, result.records, result.summary, result.kv_usage, result.info)
     info = result.info
-    print(format_summary(result.summary, f"{config.name}: {info['cost_model']}, {config.cluster.num_replicas} "
-                                         f"replica(s), {info['num_kv_blocks_per_replica']} KV blocks each"))
+    sched = config.sagellm.scheduler
+    workers = (f"{sched.prefill_workers} prefill + {sched.decode_workers} decode workers (strict)"
+               if sim.strict is not None else f"{config.cluster.num_replicas} replica(s) ({sched.schedule_mode.value})")
+    print(format_summary(result.summary, f"{config.name}: {info['cost_model']}, {workers}, "
+                                         f"{info['num_kv_blocks_per_replica']} KV blocks each"))
     wall = result.wall_seconds
     print(f"  simulated {info['simulated_seconds']:.1f} s in {wall:.2f} s wall "
           f"({len(result.records) / max(wall, 1e-9):.0f} req/s, {info['num_steps']} steps)")
+    if "handoff" in info:
+        h = info["handoff"]
+        print(f"  KV hand-offs {h['count']}: mean {h['mean_s'] * 1e3:.2f} ms, p90 {h['p90_s'] * 1e3:.2f} ms")
     if result.summary.get("num_rejected"):
         print(f"  rejected {result.summary['num_rejected']:.0f} request(s) (longer than the context window); "
               "first: " + info["rejected"][0][1])

@@ -18,18 +18,21 @@ class Replica:
 
     Contract: `submit(request)` queues a request now (raises ValueError if the scheduler rejects
     it); the process sleeps while there is no work and wakes on the next submit. Every step takes
-    the executor's predicted duration; finished requests go to `collector`. `on_step`, if given,
-    sees every `SchedulerOutput` (used by tests and traces).
+    the executor's predicted duration; finished requests go to `collector`, or to
+    `on_finish(request, step_start, step_seconds)` when given (a prefill worker hands them off).
+    `on_step`, if given, sees every `SchedulerOutput` (used by tests and traces).
     """
 
     def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, executor: PredictedExecutor,
-                 collector: MetricsCollector, on_step: Callable[[SchedulerOutput], None] | None = None) -> None:
+                 collector: MetricsCollector, on_step: Callable[[SchedulerOutput], None] | None = None,
+                 on_finish: Callable[[Request, float, float], None] | None = None) -> None:
         self.env = env
         self.index = index
         self.scheduler = scheduler
         self.executor = executor
         self.collector = collector
         self.on_step = on_step
+        self.on_finish = on_finish
         self.num_steps = 0
         self.busy_time = 0.0
         self._wakeup: simpy.Event | None = None
@@ -78,7 +81,10 @@ class Replica:
                 self.num_steps += 1
                 self.busy_time += result.duration
                 for req in scheduler.update(out, result, now):
-                    collector.add(req, self.index)
+                    if self.on_finish is None:
+                        collector.add(req, self.index)
+                    else:
+                        self.on_finish(req, now - result.duration, result.duration)
                 collector.sample_kv(now, kv.usage, len(scheduler.running), len(scheduler.waiting))
                 if not scheduler.requests or now >= horizon:
                     break

@@ -18,6 +18,7 @@ import simpy
 from sagellm.config import ConfigError
 from sagellm.core.kv.tiers import KVGranularity
 from sagellm.core.outputs import SchedulerOutput
+from sagellm.core.pd import InferenceMode, ScheduleMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.router import make_router
 from sagellm.core.sampling import SamplingParams
@@ -26,6 +27,7 @@ from simulator.build import build_cost_model, build_scheduler, kv_block_bytes, k
 from simulator.config import SimulationConfig
 from simulator.cost.base import CostModel
 from simulator.executor import PredictedExecutor
+from simulator.pd_cluster import StrictCluster, handoff_summary
 from simulator.replica import Replica
 from simulator.workloads import TraceRequest, WorkloadError, generate, prompt_token_ids
 
@@ -67,16 +69,29 @@ class Simulation:
         self.num_blocks = kv_num_blocks(self.shape, cfg, spec, config.memory_utilization)
         self.env = simpy.Environment()
         self.collector = MetricsCollector(config.kv_sample_interval)
-        n = config.cluster.num_replicas
         layerwise = cfg.kv_cache.granularity == KVGranularity.LAYER.value
-        self.router = make_router(config.cluster.router, n)
-        self.replicas = [
-            Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks),
-                    PredictedExecutor(cost_model, block_bytes=kv_block_bytes(self.shape, cfg),
-                                      layerwise_layers=self.shape.num_layers if layerwise else 0),
-                    self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
-            for i in range(n)
-        ]
+        block_bytes = kv_block_bytes(self.shape, cfg)
+
+        def replica(i: int, role: InferenceMode | None = None) -> Replica:
+            return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role),
+                           PredictedExecutor(cost_model, block_bytes=block_bytes,
+                                             layerwise_layers=self.shape.num_layers if layerwise else 0),
+                           self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
+
+        self.strict: StrictCluster | None = None
+        if cfg.scheduler.schedule_mode is ScheduleMode.STRICT:
+            if config.cluster.num_replicas != 1:
+                raise ConfigError("cluster.num_replicas: mode strict sizes its cluster with scheduler.prefill_workers "
+                                  "and scheduler.decode_workers; leave num_replicas at 1")
+            n_p, n_d = cfg.scheduler.prefill_workers, cfg.scheduler.decode_workers
+            self.strict = StrictCluster(
+                self.env, [replica(i, InferenceMode.PREFILL_ONLY) for i in range(n_p)],
+                [replica(n_p + i, InferenceMode.DECODE_ONLY) for i in range(n_d)], cost_model, block_bytes,
+                cfg.kv_cache.block_size, self.shape.num_layers if layerwise else 0, self.collector)
+            self.replicas = self.strict.replicas
+        else:
+            self.router = make_router(config.cluster.router, config.cluster.num_replicas)
+            self.replicas = [replica(i) for i in range(config.cluster.num_replicas)]
         self.rejected: list[tuple[str, str]] = []
         # Start the workload now so that a bad trace file fails here, not inside the event loop.
         try:
@@ -112,14 +127,14 @@ class Simulation:
             # Advance in slices of simulated time so the bar can follow finished requests. (SimPy
             # re-queues the slice's `until` event, so the queue alone never says "done".)
             with bar:
-                while arrivals.is_alive or any(r.num_outstanding for r in self.replicas):
+                while arrivals.is_alive or self._num_outstanding():
                     if not arrivals.is_alive and all(r.is_sleeping for r in self.replicas):
                         break  # nothing can happen any more (see Replica's guard)
                     self.env.run(until=self.env.now + 10.0)
                     bar.update(len(self.collector.records) - bar.n)
         wall = time.perf_counter() - started
         records = self.collector.records
-        unfinished = sum(r.num_outstanding for r in self.replicas)
+        unfinished = self._num_outstanding()
         summary = summarize(records, self.collector.inter_token_latencies, self.config.slo.to_slo())
         summary["num_rejected"] = len(self.rejected)
         summary["num_unfinished"] = unfinished
@@ -136,8 +151,16 @@ class Simulation:
             "kv": self.kv_stats(),
             "kv_transfer_seconds": sum(r.executor.transfer_seconds for r in self.replicas),
         }
+        if self.strict is not None:
+            info["handoff"] = handoff_summary(self.strict.handoff_seconds)
+            summary["handoff_mean_s"] = info["handoff"]["mean_s"]
         return SimulationResult(self.config, records, self.collector.inter_token_latencies, self.collector.kv_usage,
                                 summary, info, wall)
+
+    def _num_outstanding(self) -> int:
+        if self.strict is not None:
+            return self.strict.num_outstanding
+        return sum(r.num_outstanding for r in self.replicas)
 
     def kv_stats(self) -> dict[str, float | int]:
         """The KV runtime's counters (prefix hits, copies, evictions), summed over replicas."""
@@ -157,9 +180,12 @@ class Simulation:
             if tr.arrival_time > env.now:
                 yield env.timeout(tr.arrival_time - env.now)
             req = self._request(tr, vocab, index)
-            target = self.router.route([r.num_outstanding for r in replicas])
             try:
-                replicas[target].submit(req)
+                if self.strict is not None:
+                    target = self.strict.submit(req)
+                else:
+                    target = self.router.route([r.num_outstanding for r in replicas])
+                    replicas[target].submit(req)
             except ValueError as exc:
                 req.status = RequestStatus.FINISHED_ERROR
                 req.finish_time = env.now

@@ -91,7 +91,8 @@ class PDCoordinator:
     it; `complete(request_id)` forgets it (unknown ids are ignored). `fail_decode_worker(i)` and
     `fail_prefill_worker(i)` take a worker out of routing and return the ids of the requests
     assigned to it (still recorded: the caller completes or reassigns them). `reassign(request_id)`
-    gives a request a new pair among the live workers. NoWorkerError when no worker of a kind is left.
+    gives a request a new pair among the live workers; `redirect(request_id)` only a new decode
+    worker. NoWorkerError when no worker of a kind is left.
     """
 
     def __init__(self, num_prefill: int, num_decode: int) -> None:
@@ -122,6 +123,14 @@ class PDCoordinator:
     def reassign(self, request_id: str) -> tuple[int, int]:
         self.complete(request_id)
         return self.assign(request_id)
+
+    def redirect(self, request_id: str) -> int:
+        p, d = self.assigned[request_id]
+        new = _least(self.decode_load, self.decode_alive, "decode")
+        self.decode_load[d] -= 1
+        self.decode_load[new] += 1
+        self.assigned[request_id] = (p, new)
+        return new
 
     def fail_decode_worker(self, index: int) -> list[str]:
         self.decode_alive[index] = False

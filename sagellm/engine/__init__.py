@@ -1,6 +1,23 @@
-"""The live engine (torch): model runner, sampler, detokenizer and `SageLLMEngine`."""
+"""The live engine (torch): model runner, sampler, detokenizer, `SageLLMEngine` and `ClusterEngine`."""
 
+from __future__ import annotations
+
+from sagellm.config import SageLLMConfig
+from sagellm.core.pd import ScheduleMode
+from sagellm.engine.cluster import ClusterEngine
 from sagellm.engine.engine import SageLLMEngine, TokenStream
 from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
 
-__all__ = ["GenerateOutput", "GenerateRequest", "RequestMetrics", "SageLLMEngine", "StreamDelta", "TokenStream"]
+
+def create_engine(config: SageLLMConfig | None = None, num_replicas: int = 1,
+                  router: str = "least_outstanding") -> SageLLMEngine | ClusterEngine:
+    """An uninitialized engine for `config`: a `ClusterEngine` for mode strict or several replicas
+    (worker processes), else a `SageLLMEngine` in this process."""
+    config = config or SageLLMConfig()
+    if config.scheduler.schedule_mode is ScheduleMode.STRICT or num_replicas > 1:
+        return ClusterEngine(config, num_replicas, router)
+    return SageLLMEngine(config)
+
+
+__all__ = ["ClusterEngine", "GenerateOutput", "GenerateRequest", "RequestMetrics", "SageLLMEngine", "StreamDelta",
+           "TokenStream", "create_engine"]

@@ -17,11 +17,13 @@ from sagellm.backends import device_info, resolve_device
 from sagellm.config import SageLLMConfig
 from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.kv.tiers import KVGranularity
+from sagellm.core.pd import ScheduleMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
 from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
+from sagellm.engine.pd_transport import HandoffMeta
 from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
 from sagellm.metrics.records import RequestRecord
 from sagellm.models.attention import PagedKVCache
@@ -65,12 +67,16 @@ class SageLLMEngine:
         self._lock = threading.Lock()
         self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0}
         self._started_at = 0.0
+        self.worker_index = 0  # this engine's index among the prefill workers of a cluster
 
     # ---- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> SageLLMEngine:
         if self._thread is not None:
             return self
         cfg = self.config
+        if cfg.scheduler.schedule_mode is ScheduleMode.STRICT:
+            raise ValueError("scheduler.mode: strict runs prefill and decode workers as separate processes; "
+                             "serve it with sagellm.engine.ClusterEngine (or sagellm.engine.create_engine)")
         if cfg.backend.num_threads:
             torch.set_num_threads(cfg.backend.num_threads)
         self.device = resolve_device(cfg.backend.device)
@@ -170,6 +176,28 @@ class SageLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    # ---- prefill/decode workers (inference_mode prefill_only / decode_only) -------------------
+    def set_handoff(self, sender: Any) -> None:
+        """On a prefill-only engine: export each handed-off request's KV through `sender` (a
+        `sagellm.engine.pd_transport.HandoffSender`); call before serving."""
+        self.executor.handoff = sender
+
+    def submit_pending(self, request: GenerateRequest, prompt_ids: tuple[int, ...],
+                       on_done: Callable[[GenerateOutput], None]) -> None:
+        """Queue a request `_prepare`d by the caller; `on_done` gets its output (a worker's path)."""
+        self._submit(_Pending(request, prompt_ids, on_done))
+
+    def error_output(self, request: GenerateRequest, message: str) -> GenerateOutput:
+        """The output of a request rejected before it was queued."""
+        return GenerateOutput(request.request_id, "", (), "error", (), None, error=message)
+
+    def submit_prefilled(self, meta: Any, kv: torch.Tensor, on_done: Callable[[GenerateOutput], None]) -> None:
+        """On a decode-only engine: continue a request prefilled elsewhere (`meta`, a `HandoffMeta`)
+        whose prompt KV is `kv` (`[layers, 2, blocks, block_size, kv_heads, head_dim]`); `on_done`
+        gets its output. The output's token ids include the first token sampled by the prefill worker."""
+        self._check_alive()
+        self._inbox.put(("add_prefilled", (_Pending(meta.request, meta.prompt_ids, on_done), meta, kv)))
 
     def reset_prefix_cache(self, timeout: float = 60.0) -> None:
         """Forget all cached KV blocks in every tier and zero the KV stats, once no request is in
@@ -339,20 +367,33 @@ class SageLLMEngine:
             pendings, arrival = payload
             for pending in pendings:
                 self._add(pending, arrival)
+        elif kind == "add_prefilled":
+            pending, meta, kv = payload
+            self._add(pending, meta.arrival_time, meta, kv)
 
-    def _add(self, pending: _Pending, arrival: float) -> None:
+    def _add(self, pending: _Pending, arrival: float, handed: Any = None, kv: torch.Tensor | None = None) -> None:
         r = pending.request
         sampling = r.sampling_params()
         core_req = Request(r.request_id, list(pending.prompt_ids), sampling, arrival,
                            eos_token_ids=self.eos_token_ids, tenant=r.tenant)
+        if handed is not None:  # prefilled by another worker: continue from its first token
+            core_req.output_token_ids.append(handed.first_token)
+            core_req.remote_kv_tokens = len(pending.prompt_ids)
+            core_req.first_scheduled_time = handed.first_scheduled_time
+            core_req.first_token_time = handed.first_token_time
+            core_req.token_times.append(handed.first_token_time)
         try:
             self.scheduler.add_request(core_req)
         except ValueError as exc:
             self._deliver_error(pending, str(exc))
             return
         self._pending[r.request_id] = pending
+        if kv is not None:
+            self.kv_transfers.staging[r.request_id] = kv
         try:
             self.executor.register(r.request_id, sampling, stream=pending.on_delta is not None)
+            if handed is not None:
+                self.executor.feed(r.request_id, handed.first_token)
         except Exception as exc:
             log.exception("request %s could not be registered", r.request_id)
             self._fail_requests([r.request_id], f"request could not be started: {exc!r}")
@@ -386,6 +427,14 @@ class SageLLMEngine:
     def _finish(self, req: Request, error: str | None = None) -> None:
         pending = self._pending.pop(req.request_id, None)
         state = self.executor.release(req.request_id)
+        self.kv_transfers.staging.pop(req.request_id, None)
+        handoff = self.executor.handoff
+        if handoff is not None:
+            meta = None
+            if pending is not None and req.status is RequestStatus.FINISHED_PREFILLED:
+                meta = HandoffMeta(pending.request, pending.prompt_ids, req.output_token_ids[0], req.arrival_time,
+                                   req.first_scheduled_time, req.first_token_time, self.worker_index)
+            handoff.complete(req, meta)
         if pending is None:
             return
         detok = state.detokenizer if state else None

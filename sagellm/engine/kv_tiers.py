@@ -81,6 +81,10 @@ class KVTransferExecutor:
     Contract: `run(ops)` returns the device blocks whose load failed (a source that fails its
     checksum or was never validly written); those blocks hold no usable KV and the step must not
     read them. Copies between device and host are batched per run of same-direction operations.
+    `staging` holds the KV handed off to this (decode) worker, per request, as
+    `[layers, 2, blocks, block_size, kv_heads, head_dim]`; a `receive` operation copies block
+    `src_index` of its request's staged KV into device block `dst_index`, and a request's staged
+    KV is dropped after its receives ran (a receive with nothing staged fails its block).
     """
 
     def __init__(self, cache: PagedKVCache, ddr_slots: int, nvme_slots: int, nvme_path: str | None) -> None:
@@ -92,6 +96,7 @@ class KVTransferExecutor:
         self.ddr = HostKVStore(ddr_slots, self.block_shape, t.dtype, t.device.type == "cuda") if ddr_slots else None
         nbytes = self.block_numel * t.element_size()
         self.nvme = FileKVStore(nvme_path, nvme_slots, nbytes) if nvme_slots else None
+        self.staging: dict[str, torch.Tensor] = {}
 
     def close(self) -> None:
         if self.nvme is not None:
@@ -115,6 +120,22 @@ class KVTransferExecutor:
                     self.ddr.valid[group[0].src_index] = False
                 continue
             failed += getattr(self, f"_{src}_to_{dst}")(group)
+        return failed
+
+    def _staging_to_hbm(self, group: list[KVOp]) -> list[int]:
+        failed: list[int] = []
+        by_request: dict[str, list[KVOp]] = {}
+        for op in group:
+            by_request.setdefault(op.request_id, []).append(op)
+        device = self.cache.tensor.device
+        for rid, ops in by_request.items():
+            staged = self.staging.pop(rid, None)
+            if staged is None or max(op.src_index for op in ops) >= staged.shape[2]:
+                failed += [op.dst_index for op in ops]
+                continue
+            src = torch.tensor([op.src_index for op in ops], dtype=torch.long, device=staged.device)
+            dst = torch.tensor([op.dst_index for op in ops], dtype=torch.long, device=device)
+            self.cache.tensor.index_copy_(2, dst, staged.index_select(2, src).to(device))
         return failed
 
     # ---- one method per direction -------------------------------------------------------------

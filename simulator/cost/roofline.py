@@ -72,6 +72,14 @@ class RooflineCostModel:
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
         if num_bytes <= 0:
             return 0.0
+        if src_tier == "staging":
+            # a received hand-off copied into the KV pool: read and write device memory
+            return 2 * num_bytes / self.bandwidth
+        if dst_tier == "peer":
+            # a prefill worker's KV to another device: over the device interconnect (NVLink, HCCS)
+            # within a node, else over the node network
+            link = self.spec.links.get("hbm-hbm") or self.spec.link("node", "node")
+            return link.time(num_bytes)
         if src_tier == dst_tier == "hbm":
             return self.spec.link("hbm", "hbm").time(num_bytes)
         return self.spec.link(src_tier, dst_tier).time(num_bytes)

@@ -1,0 +1,391 @@
+"""`ClusterEngine`: several engine worker processes behind one coordinator.
+
+Two shapes: `num_replicas` standard workers behind a router (HYBRID or TIME_SHARE on each), or a
+STRICT cluster of `scheduler.prefill_workers` prefill-only and `scheduler.decode_workers`
+decode-only workers, where `sagellm.core.pd.PDCoordinator` picks each request's pair and the KV
+goes from one to the other over shared memory (`sagellm.engine.pd_transport`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm.config import SageLLMConfig
+from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
+from sagellm.core.router import make_router
+from sagellm.engine.cluster_worker import worker_main
+from sagellm.engine.types import GenerateOutput, GenerateRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    request: GenerateRequest
+    on_done: Callable[[GenerateOutput], None]
+    worker: int  # the worker that has it now
+    stage: str = "prefill"  # "prefill" or "decode" (STRICT), "serve" (replicas)
+    attempts: int = 1
+
+
+@dataclass
+class _Worker:
+    index: int
+    role: str
+    process: Any
+    commands: Any
+    alive: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ClusterEngine:
+    """Serves requests on worker processes (one `SageLLMEngine` each), with the engine's API.
+
+    Contract: `initialize()` spawns the workers and waits until each has loaded the model
+    (RuntimeError naming the worker if one fails). `generate`, `generate_batch` and
+    `generate_async` behave as `SageLLMEngine`'s (no streaming); a rejected request comes back
+    with finish_reason "error". A coordinator thread receives the workers' events and watches
+    their processes: when a worker dies, each request it held ends with finish_reason "error"
+    and a message naming the worker and its exit code, or, with
+    `scheduler.retry_on_worker_failure`, runs again on the live workers; the cluster keeps
+    serving on the others (a kind of worker with none left fails new requests).
+    `get_stats()` merges the workers' stats and adds the measured KV hand-off times (STRICT).
+    `shutdown()` stops the workers and ends unfinished requests with "abort".
+    """
+
+    def __init__(self, config: SageLLMConfig | None = None, num_replicas: int = 1,
+                 router: str = "least_outstanding", start_timeout_s: float = 900.0) -> None:
+        self.config = config or SageLLMConfig()
+        sched = self.config.scheduler
+        self.strict = sched.schedule_mode is ScheduleMode.STRICT
+        if self.strict:
+            self.roles = ["prefill_only"] * sched.prefill_workers + ["decode_only"] * sched.decode_workers
+        else:
+            if num_replicas <= 0:
+                raise ValueError(f"num_replicas: must be > 0, got {num_replicas}")
+            self.roles = ["standard"] * num_replicas
+        self.router = None if self.strict else make_router(router, num_replicas)
+        self.coordinator = PDCoordinator(sched.prefill_workers, sched.decode_workers) if self.strict else None
+        self.retry = sched.retry_on_worker_failure
+        self._n_prefill = self.roles.count("prefill_only")
+        self.start_timeout_s = start_timeout_s
+        self.workers: list[_Worker] = []
+        self.handoff_seconds: list[float] = []
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.RLock()
+        self._replies: queue.Queue = queue.Queue()
+        self._broadcast_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.vocab_size = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def initialize(self) -> ClusterEngine:
+        if self._thread is not None:
+            return self
+        import torch.multiprocessing as tmp
+
+        ctx = tmp.get_context("spawn")
+        self._events = ctx.Queue()
+        n_prefill = self.roles.count("prefill_only")
+        inboxes = {i: ctx.Queue() for i, role in enumerate(self.roles) if role == "decode_only"}
+        outboxes = {i - n_prefill: q for i, q in inboxes.items()}  # decode worker index -> its queue
+        config = self.config.to_dict()
+        for i, role in enumerate(self.roles):
+            commands = ctx.Queue()
+            proc = ctx.Process(target=worker_main, name=f"sagellm-worker-{i}-{role}", daemon=True,
+                               args=(i, role, config, commands, self._events, inboxes.get(i),
+                                     outboxes if role == "prefill_only" else {}, i))
+            proc.start()
+            self.workers.append(_Worker(i, role, proc, commands))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._kill_all()
+            raise
+        self.vocab_size = self.workers[0].info["vocab_size"]
+        self._thread = threading.Thread(target=self._run, name="sagellm-cluster", daemon=True)
+        self._thread.start()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        pending = {w.index for w in self.workers}
+        while pending:
+            try:
+                event = self._events.get(timeout=1.0)
+            except queue.Empty:
+                event = None
+            if event is None:
+                for w in self.workers:
+                    if w.index in pending and not w.process.is_alive():
+                        raise RuntimeError(f"worker {w.index} ({w.role}) exited with code {w.process.exitcode} "
+                                           "while loading the model")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"workers {sorted(pending)} did not start within {self.start_timeout_s:.0f} s")
+                continue
+            if event[0] == "fatal":
+                raise RuntimeError(event[2])
+            if event[0] == "ready":
+                self.workers[event[1]].info = event[2]
+                pending.discard(event[1])
+
+    def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._thread.join(timeout=10.0)
+        self._thread = None
+        for w in self.workers:
+            if w.alive:
+                w.commands.put(("stop",))
+        for w in self.workers:
+            w.process.join(timeout=20.0)
+        self._kill_all()
+        with self._lock:
+            tracked, self._tracked = self._tracked, {}
+        for t in tracked.values():
+            _deliver(t.on_done, _error_output(t.request, "engine shut down", "abort"))
+
+    def _kill_all(self) -> None:
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5.0)
+
+    def __enter__(self) -> ClusterEngine:
+        return self.initialize()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
+        return self.generate_batch([_coerce(request, kwargs)])[0]
+
+    def generate_batch(self, requests: list[GenerateRequest | str], **kwargs: Any) -> list[GenerateOutput]:
+        reqs = [_coerce(r, kwargs) for r in requests]
+        ids = [r.request_id for r in reqs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request_id: the same id appears more than once in the batch")
+        done: queue.Queue = queue.Queue()
+        for r in reqs:
+            self._submit(r, done.put)
+        outputs: dict[str, GenerateOutput] = {}
+        while len(outputs) < len(reqs):
+            try:
+                out = done.get(timeout=1.0)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            outputs[out.request_id] = out
+        return [outputs[i] for i in ids]
+
+    async def generate_async(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
+        req = _coerce(request, kwargs)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(out: GenerateOutput) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(out))
+
+        self._submit(req, done)
+        return await future
+
+    def reset_prefix_cache(self) -> None:
+        self._broadcast("reset_cache")
+
+    def probe(self) -> list:
+        """The speed probe (`sagellm.engine.calibration.speed_probe`) on every live worker at once."""
+        return [s for samples in self._broadcast("probe", timeout=600.0) for s in samples]
+
+    def get_stats(self) -> dict[str, Any]:
+        from simulator.pd_cluster import handoff_summary
+
+        workers = self._broadcast("stats")
+        kv: dict[str, float] = {}
+        for st in workers:
+            for key, value in st["kv"].items():
+                kv[key] = kv.get(key, 0) + value
+        q = kv.get("query_blocks", 0)
+        kv["hit_rate"] = round(kv.get("hit_blocks", 0) / q, 6) if q else 0.0
+        return {"mode": self.config.scheduler.schedule_mode.value, "roles": list(self.roles),
+                "dead_workers": [w.index for w in self.workers if not w.alive], "workers": workers, "kv": kv,
+                "handoff": handoff_summary(self.handoff_seconds),
+                "output_tokens": sum(s["output_tokens"] for s in workers),
+                "num_preemptions": sum(s["num_preemptions"] for s in workers)}
+
+    # ---- coordinator -------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the cluster is not running: call initialize() first")
+
+    def _submit(self, req: GenerateRequest, on_done: Callable[[GenerateOutput], None]) -> None:
+        self._check_alive()
+        with self._lock:
+            if req.request_id in self._tracked:
+                _deliver(on_done, _error_output(req, f"request_id {req.request_id!r} is already in flight"))
+                return
+            try:
+                worker, decode = self._route(req.request_id)
+            except NoWorkerError as exc:
+                _deliver(on_done, _error_output(req, f"no worker can serve it: {exc}"))
+                return
+            self._tracked[req.request_id] = _Tracked(req, on_done, worker, "prefill" if self.strict else "serve")
+            self.workers[worker].commands.put(("add", req, decode))
+
+    def _route(self, rid: str) -> tuple[int, int | None]:
+        if self.strict:
+            p, d = self.coordinator.assign(rid)
+            return p, d
+        alive = [w.index for w in self.workers if w.alive]
+        if not alive:
+            raise NoWorkerError("every worker has died")
+        counts = [0] * len(self.workers)
+        for t in self._tracked.values():
+            counts[t.worker] += 1
+        pick = self.router.route(counts)
+        if not self.workers[pick].alive:
+            pick = min(alive, key=counts.__getitem__)
+        return pick, None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                event = self._events.get(timeout=0.1)
+            except queue.Empty:
+                event = None
+            except (EOFError, OSError):
+                return
+            try:
+                if event is not None:
+                    self._handle(event)
+                for w in self.workers:
+                    if w.alive and not w.process.is_alive():
+                        self._worker_died(w, f"exited with code {w.process.exitcode}")
+            except Exception:
+                log.exception("cluster coordinator: event %r failed", None if event is None else event[:2])
+
+    def _handle(self, event: tuple) -> None:
+        kind, index = event[0], event[1]
+        if kind == "done":
+            out: GenerateOutput = event[2]
+            with self._lock:
+                t = self._tracked.get(out.request_id)
+                if t is None or t.worker != index:
+                    return  # a request already failed over or finished
+                if out.finish_reason == "prefilled":
+                    t.stage = "decode"
+                    t.worker = self._n_prefill + self.coordinator.assigned[out.request_id][1]
+                    return
+                del self._tracked[out.request_id]
+                if self.coordinator is not None:
+                    self.coordinator.complete(out.request_id)
+            _deliver(t.on_done, out)
+        elif kind == "handoff":
+            self.handoff_seconds.append(event[3])
+        elif kind == "reply":
+            self._replies.put((index, event[2], event[3]))
+        elif kind == "fatal":
+            log.error("%s", event[2])
+            w = self.workers[index]
+            if w.alive:
+                w.process.kill()
+                self._worker_died(w, event[2])
+
+    def _worker_died(self, w: _Worker, why: str) -> None:
+        w.alive = False
+        message = f"worker {w.index} ({w.role}, pid {w.process.pid}) died: {why}"
+        log.error("%s", message)
+        with self._lock:
+            if w.role == "decode_only":
+                d = w.index - self._n_prefill
+                self.coordinator.fail_decode_worker(d)
+                for other in self.workers:
+                    if other.role == "prefill_only" and other.alive:
+                        other.commands.put(("decode_dead", d))
+            elif w.role == "prefill_only":
+                self.coordinator.fail_prefill_worker(w.index)
+            lost = [(rid, t) for rid, t in self._tracked.items() if self._held_by(t, rid, w)]
+            for rid, t in lost:
+                self._fail_over(rid, t, message)
+
+    def _held_by(self, t: _Tracked, rid: str, w: _Worker) -> bool:
+        if t.worker == w.index:
+            return True
+        if w.role == "decode_only" and t.stage == "prefill":  # its KV was bound for the dead worker
+            d = w.index - self._n_prefill
+            return self.coordinator.assigned.get(rid, (None, None))[1] == d
+        return False
+
+    def _fail_over(self, rid: str, t: _Tracked, message: str) -> None:
+        if self.retry:
+            try:
+                if self.strict and t.stage == "prefill" and self.workers[t.worker].alive:
+                    # still being prefilled: only its destination changes
+                    d = self.coordinator.redirect(rid)
+                    self.workers[t.worker].commands.put(("redirect", rid, d))
+                    return
+                if self.coordinator is not None:
+                    self.coordinator.complete(rid)
+                worker, decode = self._route(rid)
+            except NoWorkerError:
+                pass
+            else:
+                t.worker, t.attempts = worker, t.attempts + 1
+                t.stage = "prefill" if self.strict else "serve"
+                self.workers[worker].commands.put(("add", t.request, decode))
+                return
+        del self._tracked[rid]
+        if self.coordinator is not None:
+            self.coordinator.complete(rid)
+        _deliver(t.on_done, _error_output(t.request, message))
+
+    def _broadcast(self, kind: str, timeout: float = 120.0) -> list[Any]:
+        """Send a command to every live worker and collect their replies (in worker order)."""
+        self._check_alive()
+        with self._broadcast_lock:
+            targets = [w for w in self.workers if w.alive]
+            for w in targets:
+                w.commands.put((kind,))
+            replies: dict[int, Any] = {}
+            deadline = time.monotonic() + timeout
+            while any(w.alive and w.index not in replies for w in targets):
+                try:
+                    index, k, value = self._replies.get(timeout=0.5)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"workers did not answer {kind!r} within {timeout:.0f} s") from None
+                    continue
+                if k == kind:
+                    replies[index] = value
+            return [replies[i] for i in sorted(replies)]
+
+
+def _coerce(request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
+    if isinstance(request, str):
+        return GenerateRequest(prompt=request, **kwargs)
+    if kwargs:
+        raise ValueError("keyword sampling options apply only to a plain-text prompt")
+    if not isinstance(request, GenerateRequest):
+        raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
+    return request
+
+
+def _error_output(req: GenerateRequest, message: str, reason: str = "error") -> GenerateOutput:
+    return GenerateOutput(req.request_id, "", (), reason, tuple(req.prompt_token_ids or ()), None, error=message)
+
+
+def _deliver(callback: Callable[[GenerateOutput], None], out: GenerateOutput) -> None:
+    try:
+        callback(out)
+    except Exception:
+        log.debug("dropping a result for a caller that has gone away", exc_info=True)
