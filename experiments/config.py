@@ -9,12 +9,14 @@ sides: [simulate, live]
 sagellm: {...}              # any SageLLMConfig field
 workload: {...}             # simulator.workloads.WorkloadSpec
 slo: {ttft_ms: 2000, tpot_ms: 300}
-cluster: {num_replicas: 1}  # simulate side only
+cluster: {num_replicas: 1}  # replicas behind a router (live: one worker process each)
 live: {repeats: 3, warmup_requests: 4}
 calibrate: true             # calibrate this machine first if no profile exists
 sweep:                      # optional grid over any field, by dotted path
   workload.arrival.rate: [0.2, 0.4]
   sagellm.scheduler.max_num_seqs: [16, 64]
+  variants:                 # or several fields at once per value, named by its label
+    - {label: two-replicas, cluster.num_replicas: 2}
 ```
 """
 
@@ -30,6 +32,8 @@ from sagellm.config import ConfigError, build_section, load_yaml_mapping
 from simulator.config import SimulationConfig
 
 SIDES = ("simulate", "live")
+# A sweep key whose values each set several fields at once: {label: ..., "dotted.path": value, ...}
+VARIANTS = "variants"
 _SIM_KEYS = ("name", "model", "hardware", "sagellm", "cluster", "workload", "slo", "memory_utilization",
              "kv_sample_interval")
 _KEYS = (*_SIM_KEYS, "description", "sides", "live", "sweep", "calibrate")
@@ -121,11 +125,20 @@ class ExperimentConfig:
         sweep = data.get("sweep") or {}
         if not isinstance(sweep, dict):
             raise ConfigError("sweep: expected a mapping of dotted field paths to lists of values")
+        allowed = sorted(set(_SIM_KEYS) - {"name"})
         for key, values in sweep.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
-            if key.split(".", 1)[0] not in _SIM_KEYS or key.split(".", 1)[0] == "name":
-                raise ConfigError(f"sweep.{key}: can only vary fields under {sorted(set(_SIM_KEYS) - {'name'})}")
+            paths = [key]
+            if key == VARIANTS:
+                for v in values:
+                    if not isinstance(v, dict) or not set(v) - {"label"}:
+                        raise ConfigError(f"sweep.{VARIANTS}: each value is a mapping of dotted field paths to "
+                                          f"values (and a label), got {v!r}")
+                paths = [p for v in values for p in v if p != "label"]
+            for path in paths:
+                if path.split(".", 1)[0] not in _SIM_KEYS or path.split(".", 1)[0] == "name":
+                    raise ConfigError(f"sweep.{key}: can only vary fields under {allowed}, not {path!r}")
         base = {k: v for k, v in data.items() if k in _SIM_KEYS}
         points = []
         keys = list(sweep)
@@ -136,7 +149,11 @@ class ExperimentConfig:
                 # A mapping may carry a `label` naming the point; it is not part of the config.
                 if isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k != "label"}
-                _set_path(point, key, value)
+                if key == VARIANTS:
+                    for path, v in value.items():
+                        _set_path(point, path, v)
+                else:
+                    _set_path(point, key, value)
             try:
                 sim = SimulationConfig.from_dict(point, base_dir)
             except ConfigError as exc:
@@ -163,8 +180,13 @@ class ExperimentConfig:
                     f"hardware: {hw!r} is a roofline device this machine cannot run, so the live side is "
                     "impossible; use hardware: local (this machine's calibrated profile) or sides: [simulate]"
                 )
-            if sim.cluster.num_replicas != 1:
-                raise ConfigError("cluster.num_replicas: the live side runs one engine; use 1 or sides: [simulate]")
+            workers = sim.cluster.num_replicas
+            sched = sim.sagellm.scheduler
+            if sched.schedule_mode.value == "strict":
+                workers = sched.prefill_workers + sched.decode_workers
+            if workers > 8:
+                raise ConfigError(f"cluster.num_replicas: the live side runs one worker process per replica or "
+                                  f"prefill/decode worker on this machine; {workers} is too many (at most 8)")
             if sim.model is not None and sim.model != sim.sagellm.model.model_id and not Path(sim.model).exists():
                 raise ConfigError(f"model: {sim.model!r} is a shape preset without weights; the live side needs "
                                   "a model path (or null for the default model)")

@@ -12,10 +12,12 @@ FIDELITY_METRICS = (
     "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99",
     "tpot_mean", "tpot_p50", "tpot_p90", "tpot_p99",
     "e2e_latency_mean", "e2e_latency_p50", "e2e_latency_p90", "e2e_latency_p99",
+    "goodput", "slo_attainment", "handoff_mean_s",
 )
-# The acceptance bounds of the load sweep: |relative error| allowed per metric.
+# The acceptance bounds (load sweep; goodput and the KV hand-off of the PD modes): |relative error|
+# allowed per metric.
 TOLERANCES = {"request_throughput": 0.05, "output_throughput": 0.05, "tpot_mean": 0.05, "ttft_mean": 0.10,
-              "ttft_p90": 0.10}
+              "ttft_p90": 0.10, "goodput": 0.10, "handoff_mean_s": 0.20}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ class LiveResult:
 
 
 class LiveRunner:
-    """Owns one initialized `SageLLMEngine` and replays traces against it.
+    """Owns one initialized engine (`SageLLMEngine`, or a `ClusterEngine` of worker processes for
+    mode strict or `num_replicas` > 1) and replays traces against it.
 
     Contract: `run(trace)` submits each request at its trace arrival time after the run's start
     (open loop: a slow engine does not slow the arrivals), greedy, with `ignore_eos` and
@@ -33,12 +34,12 @@ class LiveRunner:
     returns their records. `close()` shuts the engine down. Side effects: runs the model.
     """
 
-    def __init__(self, config: SageLLMConfig) -> None:
-        from sagellm.engine import SageLLMEngine
+    def __init__(self, config: SageLLMConfig, num_replicas: int = 1, router: str = "least_outstanding") -> None:
+        from sagellm.engine import create_engine
 
         self.config = config
-        self.engine = SageLLMEngine(config).initialize()
-        self.vocab_size = self.engine.shape.vocab_size
+        self.engine = create_engine(config, num_replicas, router).initialize()
+        self.vocab_size = self.engine.vocab_size
 
     def warmup(self, num_requests: int) -> None:
         from sagellm.engine import GenerateRequest
@@ -54,6 +55,8 @@ class LiveRunner:
         """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`)."""
         from sagellm.engine.calibration import speed_probe
 
+        if hasattr(self.engine, "probe"):  # a cluster: every worker at once
+            return self.engine.probe()
         samples = speed_probe(self.engine)
         self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
         return samples
@@ -71,6 +74,7 @@ class LiveRunner:
         from sagellm.backends.cpu_time import CpuTimes, steal_fraction
 
         self.engine.reset_prefix_cache()  # each run starts cold: no KV left from warm-up or earlier runs
+        handoffs_before = len(getattr(self.engine, "handoff_seconds", ()))
         cpu_before = CpuTimes.read()
         outputs, start = replay(self.engine, timed, timeout_s)
         steal = steal_fraction(cpu_before, CpuTimes.read())
@@ -84,7 +88,14 @@ class LiveRunner:
         summary = summarize(records, itls, slo)
         stats = self.engine.get_stats()
         summary["prefix_hit_rate"] = stats["kv"]["hit_rate"]
-        return LiveResult(records, itls, summary, {"engine_stats": stats, "cpu_steal": steal})
+        info = {"engine_stats": stats, "cpu_steal": steal}
+        handoffs = getattr(self.engine, "handoff_seconds", [])[handoffs_before:]
+        if handoffs:
+            from simulator.pd_cluster import handoff_summary
+
+            info["handoff"] = handoff_summary(handoffs)
+            summary["handoff_mean_s"] = info["handoff"]["mean_s"]
+        return LiveResult(records, itls, summary, info)
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -193,10 +193,11 @@ class _LivePool:
         engine_cfg = sim_cfg.sagellm
         if sim_cfg.model is not None:
             engine_cfg = engine_cfg.replace(model={"model_id": str(_model_path(sim_cfg))})
-        key = json.dumps(engine_cfg.to_dict(), sort_keys=True)
+        cluster = sim_cfg.cluster
+        key = json.dumps([engine_cfg.to_dict(), cluster.num_replicas, cluster.router], sort_keys=True)
         if key != self.key:
             self.close()
-            self.runner = LiveRunner(engine_cfg)
+            self.runner = LiveRunner(engine_cfg, cluster.num_replicas, cluster.router)
             self.runner.warmup(self.cfg.live.warmup_requests)
             self.key = key
         return self.runner

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="a third of the grid (for tests)")
     c.add_argument("--kv-links", metavar="PROFILE.json",
                    help="only time the engine's KV copies between tiers and store them in this profile")
+    c.add_argument("--pd-link", metavar="PROFILE.json",
+                   help="only time the prefill-to-decode KV hand-off between two worker processes and store it")
     c.add_argument("--output-dir", help="where to write the profile (default simulator/hardware/profiles)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--refit", metavar="PROFILE.json", help="fit an existing profile again from its samples (no timing)")

@@ -70,6 +70,8 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
         return cmd_refit(Path(args.refit))
     if args.kv_links:
         return cmd_kv_links(Path(args.kv_links), config)
+    if args.pd_link:
+        return cmd_pd_link(Path(args.pd_link), config)
     path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
                                        output_dir=Path(args.output_dir) if args.output_dir else None,
                                        progress=not args.quiet)
@@ -102,6 +104,24 @@ def cmd_kv_links(path: Path, config) -> int:
     model.save(path, samples_csv)
     for name, link in model.kv_links.items():
         print(f"{name:10s} {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us")
+    print(f"profile: {path}")
+    return 0
+
+
+def cmd_pd_link(path: Path, config) -> int:
+    """Time the live prefill-to-decode hand-off and store it as the profile's "hbm->peer" link."""
+    from sagellm.engine.pd_calibration import measure_handoff_link
+    from simulator.cost.profiled import ProfiledCostModel
+
+    model = ProfiledCostModel.load(path)
+    threads = model.meta.get("threads")
+    link = measure_handoff_link(config.replace(model={"dtype": model.dtype}, backend={"num_threads": threads}))
+    model.kv_links["hbm->peer"] = {"bandwidth": link["bandwidth"], "latency": link["latency"]}
+    with path.with_suffix(".csv").open(newline="") as f:
+        samples_csv = f.read()
+    model.save(path, samples_csv)
+    print(f"hbm->peer  {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us "
+          f"({link['samples']} hand-offs, {threads} thread(s) per worker)")
     print(f"profile: {path}")
     return 0
 

@@ -77,7 +77,8 @@ class ClusterEngine:
         self._n_prefill = self.roles.count("prefill_only")
         self.start_timeout_s = start_timeout_s
         self.workers: list[_Worker] = []
-        self.handoff_seconds: list[float] = []
+        self.handoff_seconds: list[float] = []  # each measured hand-off, with its size
+        self.handoff_bytes: list[int] = []
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.RLock()
         self._replies: queue.Queue = queue.Queue()
@@ -292,6 +293,7 @@ class ClusterEngine:
             _deliver(t.on_done, out)
         elif kind == "handoff":
             self.handoff_seconds.append(event[3])
+            self.handoff_bytes.append(event[4])
         elif kind == "reply":
             self._replies.put((index, event[2], event[3]))
         elif kind == "fatal":

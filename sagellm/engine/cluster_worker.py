@@ -5,7 +5,7 @@ Commands in (a queue per worker): ("add", GenerateRequest, decode worker or None
 ("stop",). Events out (one queue shared by
 all workers): ("ready", worker, info), ("done", worker, GenerateOutput) - a prefill worker's
 output with finish_reason "prefilled" means the request continues on its decode worker -,
-("handoff", worker, request id, seconds), ("reply", worker, kind, value), ("fatal", worker, message).
+("handoff", worker, request id, seconds, bytes), ("reply", worker, kind, value), ("fatal", worker, message).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
     elif role == "decode_only":
         def ready(meta, kv, received_at: float) -> None:
             rid = meta.request.request_id
-            events.put(("handoff", index, rid, received_at - meta.first_token_time))
+            events.put(("handoff", index, rid, received_at - meta.first_token_time, kv.nbytes))
             try:
                 engine.submit_prefilled(meta, kv, lambda out: events.put(("done", index, out)))
             except RuntimeError as exc:

@@ -115,6 +115,10 @@ class SageLLMEngine:
         self._thread.start()
         return self
 
+    @property
+    def vocab_size(self) -> int:
+        return self.shape.vocab_size
+
     def shutdown(self) -> None:
         if self._thread is None:
             return

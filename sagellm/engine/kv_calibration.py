@@ -1,5 +1,8 @@
 """Times the engine's own KV copies between tiers, for the simulator's transfer costs.
 
+"staging->hbm" is a received prefill/decode hand-off copied into the pool (`receive` ops); the
+hand-off itself, between processes, is timed by `sagellm.engine.pd_calibration`.
+
 A scratch device cache of the engine's block shape (so serving state is never touched), host and
 file stores as the engine builds them, and runs of n = 1..32 blocks per direction: the fitted
 latency + bytes / bandwidth of each direction is what `ProfiledCostModel.transfer_time` uses.
@@ -10,12 +13,14 @@ from __future__ import annotations
 import statistics
 import time
 
-from sagellm.core.kv.tiers import LOAD, OFFLOAD, PROMOTE, KVOp
+import torch
+
+from sagellm.core.kv.tiers import LOAD, OFFLOAD, PROMOTE, RECEIVE, KVOp
 from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.models.attention import PagedKVCache
 
 DIRECTIONS = (("hbm", "ddr", OFFLOAD), ("ddr", "hbm", LOAD), ("hbm", "nvme", OFFLOAD), ("nvme", "hbm", LOAD),
-              ("ddr", "nvme", OFFLOAD), ("nvme", "ddr", PROMOTE))
+              ("ddr", "nvme", OFFLOAD), ("nvme", "ddr", PROMOTE), ("staging", "hbm", RECEIVE))
 SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -34,7 +39,7 @@ def measure_kv_links(cache: PagedKVCache, repeats: int = 5) -> dict[str, dict[st
         for src, dst, kind in DIRECTIONS:
             xs, ys = [], []
             for n in SIZES:
-                ops = tuple(KVOp(kind, src, i, dst, i) for i in range(n))
+                ops = tuple(KVOp(kind, src, i, dst, i, "calib") for i in range(n))
                 times = []
                 for _ in range(repeats + 1):
                     refill(transfers, src, n)
@@ -51,7 +56,10 @@ def measure_kv_links(cache: PagedKVCache, repeats: int = 5) -> dict[str, dict[st
 
 def refill(transfers: KVTransferExecutor, tier: str, n: int) -> None:
     """Make the first n slots of a lower tier valid again (a load consumes its source)."""
-    if tier == "ddr":
+    if tier == "staging":  # a received hand-off of n blocks
+        t = transfers.cache.tensor
+        transfers.staging["calib"] = t.index_select(2, torch.arange(n, device=t.device)).clone()
+    elif tier == "ddr":
         transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "ddr", i) for i in range(n)))
     elif tier == "nvme":
         transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "nvme", i) for i in range(n)))
