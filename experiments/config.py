@@ -80,6 +80,11 @@ class SweepPoint:
     simulation: SimulationConfig
 
     @property
+    def labels(self) -> dict[str, Any]:
+        """The overrides for tables: a mapping value with a `label` shows as its label."""
+        return {k: v["label"] if isinstance(v, dict) and "label" in v else v for k, v in self.overrides.items()}
+
+    @property
     def slug(self) -> str:
         if not self.overrides:
             return f"{self.index:03d}"

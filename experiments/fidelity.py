@@ -58,12 +58,13 @@ def compare(predicted: dict[str, float], measured_runs: list[dict[str, float]]) 
 
 
 def format_table(rows: list[FidelityRow], title: str = "") -> str:
-    """Aligned text table; latencies in ms, throughputs as they are, spread = live min..max."""
+    """Aligned text table; latencies in ms, throughputs and ratios as they are, spread = live min..max."""
     lines = [title] if title else []
     lines.append(f"  {'metric':<20}{'predicted':>12}{'measured':>12}{'live spread':>22}{'error':>9}  ok")
     for r in rows:
-        scale = 1.0 if "throughput" in r.metric else 1e3
-        unit = "" if "throughput" in r.metric else " ms"
+        latency = r.metric.startswith(("ttft", "tpot", "e2e_latency", "handoff"))
+        scale = 1e3 if latency else 1.0
+        unit = " ms" if latency else ""
         spread = f"{r.measured_min * scale:.1f}..{r.measured_max * scale:.1f}{unit}"
         ok = {True: "yes", False: "NO", None: ""}[r.within]
         lines.append(f"  {r.metric:<20}{r.predicted * scale:>12.2f}{r.measured * scale:>12.2f}{spread:>22}"

@@ -75,6 +75,7 @@ class LiveRunner:
 
         self.engine.reset_prefix_cache()  # each run starts cold: no KV left from warm-up or earlier runs
         handoffs_before = len(getattr(self.engine, "handoff_seconds", ()))
+        busy_before = _busy(self.engine.get_stats())
         cpu_before = CpuTimes.read()
         outputs, start = replay(self.engine, timed, timeout_s)
         steal = steal_fraction(cpu_before, CpuTimes.read())
@@ -88,7 +89,9 @@ class LiveRunner:
         summary = summarize(records, itls, slo)
         stats = self.engine.get_stats()
         summary["prefix_hit_rate"] = stats["kv"]["hit_rate"]
-        info = {"engine_stats": stats, "cpu_steal": steal}
+        # Seconds each worker spent in steps during the run (the simulator's `replica_busy_seconds`).
+        busy = [after - before for before, after in zip(busy_before, _busy(stats))]
+        info = {"engine_stats": stats, "cpu_steal": steal, "worker_busy_seconds": busy}
         handoffs = getattr(self.engine, "handoff_seconds", [])[handoffs_before:]
         if handoffs:
             from simulator.pd_cluster import handoff_summary
@@ -100,3 +103,8 @@ class LiveRunner:
     def close(self) -> None:
         self.engine.shutdown()
 
+
+
+def _busy(stats: dict[str, Any]) -> list[float]:
+    """Step seconds so far per worker (one entry for an in-process engine)."""
+    return [w["busy_s"] for w in stats["workers"]] if "workers" in stats else [stats["busy_s"]]

@@ -34,6 +34,8 @@ LATENCY_PANELS = (("ttft_mean", "mean TTFT (ms)"), ("ttft_p90", "p90 TTFT (ms)")
 # Panels of the policy-sweep figure: (summary column, axis label).
 SWEEP_PANELS = (("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)"),
                 ("output_throughput", "output throughput (tokens/s)"), ("goodput", "goodput (req/s)"))
+# Panels of the goodput figure (scheduling modes against request rate).
+GOODPUT_PANELS = (("goodput", "goodput (req/s)"), ("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)"))
 LATENCY_PREFIXES = ("ttft", "tpot", "e2e_latency", "queueing_delay", "itl")
 POINT_INDEX = "point index"
 
@@ -176,7 +178,8 @@ def _sweep_frame(run: RunData, x: str | None) -> tuple[pd.DataFrame, str, list[s
         raise ValueError(f"{run.path}: summary.csv is missing or empty")
     keys = [k for k in sweep_keys(run) if k in frame.columns]
     if x is None and keys:
-        x = keys[0]
+        numeric = [k for k in keys if pd.api.types.is_numeric_dtype(frame[k])]
+        x = (numeric or keys)[0]
     if x is None:
         index = {p["slug"]: p["index"] for p in run.manifest.get("points", [])}
         frame[POINT_INDEX] = frame["point"].map(index)
@@ -257,19 +260,31 @@ def plot_sweep(run: RunData, out: Path, x: str | None = None, side: str = "simul
     return _draw_panels(run, out, x, panels, (side,), f"{name}: {side}")
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """Write `plots/cdf_<slug>.png` per point and `plots/latency_vs_<key>.png` into a run; return the paths.
+def plot_goodput_vs(run: RunData, out: Path, x: str | None = None) -> Path:
+    """Write goodput (req/s meeting the SLOs), mean TTFT and mean TPOT against sweep key `x`, one
+    colour per combination of the other sweep keys (e.g. per scheduling mode), both sides, to `out`."""
+    name = run.manifest.get("name", run.path.name)
+    sides = tuple(s for s in ("simulate", "live") if (run.summary["side"] == s).any())
+    return _draw_panels(run, out, x, GOODPUT_PANELS, sides, f"{name}: goodput")
 
-    `<key>` is the last part of the first sweep key (`point` without a sweep). `run_dir` may also be
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """Write `plots/cdf_<slug>.png` per point, `plots/latency_vs_<key>.png` (with a live side) and
+    `plots/goodput_vs_<key>.png` (with SLOs) into a run; return the paths.
+
+    `<key>` is the last part of the first numeric sweep key (`point` without a sweep). `run_dir` may also be
     `results/<name>` (its newest run). Points without per-request data and an empty summary are skipped.
     """
     run = load_run(run_dir)
     plots = run.path / "plots"
     paths = [plot_cdfs(run, p, plots / f"cdf_{p}.png") for p in run.points if side_dirs(run, p)]
     if not run.summary.empty:
-        keys = sweep_keys(run)
-        key = keys[0].rsplit(".", 1)[-1] if keys else "point"
-        paths.append(plot_latency_vs(run, plots / f"latency_vs_{key}.png"))
+        frame, xcol, _ = _sweep_frame(run, None)
+        key = xcol.rsplit(".", 1)[-1] if xcol != POINT_INDEX else "point"
+        if (frame["side"] == "live").any():
+            paths.append(plot_latency_vs(run, plots / f"latency_vs_{key}.png"))
+        if "goodput" in frame.columns and frame["goodput"].notna().any():
+            paths.append(plot_goodput_vs(run, plots / f"goodput_vs_{key}.png"))
     return paths
 
 

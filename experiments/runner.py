@@ -66,7 +66,7 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
             else:
                 doc = _run_point(cfg, point, pdir, live, echo, progress)
                 done.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-            base = {"point": point.slug, **point.overrides}
+            base = {"point": point.slug, **point.labels}
             for side in doc["sides"]:
                 rows.append({**base, "side": side["side"], "repeat": side["repeat"], "cpu_steal": side.get("cpu_steal"),
                              **side["summary"]})

@@ -35,6 +35,9 @@ def _sim_only(**extra) -> dict:
         ({"live": {"repeats": 0}}, "live.repeats"),
         ({"name": ""}, "name"),
         ({"sagellm": {"scheduler": {"max_num_seq": 4}}}, "sagellm.scheduler.max_num_seq"),
+        ({"sweep": {"variants": [{"label": "x", "sides": ["live"]}]}}, "sweep.variants"),
+        ({"sweep": {"variants": [{"label": "only-a-label"}]}}, "sweep.variants"),
+        ({"sweep": {"variants": [{"sagellm.scheduler.mode": "both"}]}}, "sagellm.scheduler.mode"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -61,6 +64,19 @@ def test_sweep_is_a_grid_of_overrides():
     assert p.overrides == {"workload.arrival.rate": 4.0, "sagellm.scheduler.max_num_seqs": 8}
     assert p.simulation.workload.arrival.rate == 4.0 and p.simulation.sagellm.scheduler.max_num_seqs == 8
     assert len({q.slug for q in cfg.points}) == 4
+
+
+def test_variants_set_several_fields_per_point_and_are_named_by_their_label():
+    cfg = ExperimentConfig.from_dict(_sim_only(sweep={
+        "variants": [{"label": "hybrid-x2", "sagellm.scheduler.mode": "hybrid", "cluster.num_replicas": 2},
+                     {"label": "strict", "sagellm.scheduler.mode": "strict", "sagellm.scheduler.decode_workers": 3}],
+        "workload.arrival.rate": [1.0, 2.0]}))
+    assert [p.slug for p in cfg.points] == ["000_hybrid-x2_rate=1.0", "001_hybrid-x2_rate=2.0",
+                                           "002_strict_rate=1.0", "003_strict_rate=2.0"]
+    hybrid, strict = cfg.points[0].simulation, cfg.points[3].simulation
+    assert hybrid.cluster.num_replicas == 2 and hybrid.sagellm.scheduler.mode == "hybrid"
+    assert strict.sagellm.scheduler.decode_workers == 3 and strict.workload.arrival.rate == 2.0
+    assert cfg.points[2].labels == {"variants": "strict", "workload.arrival.rate": 1.0}
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypatch):

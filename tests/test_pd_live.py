@@ -51,11 +51,18 @@ def test_greedy_outputs_equal_hybrid(reference, scheduler: dict, kv_cache: dict)
         assert [o.finish_reason for o in outputs] == ["length"] * len(PROMPTS), [o.error for o in outputs]
         assert [o.token_ids for o in outputs] == reference
         stats = eng.get_stats()
+    roles = [(w["schedule_mode"], w["role"]) for w in stats["workers"]]
+    if cfg.scheduler.schedule_mode.value == "time_share":
+        assert roles == [("time_share", "standard")]
+    else:
+        n_prefill = cfg.scheduler.prefill_workers
+        assert roles == [("hybrid", "prefill_only")] * n_prefill + [("hybrid", "decode_only")]
     if cfg.scheduler.schedule_mode.value == "strict":
         # every request's KV was handed over once, and each hand-off was timed
         assert stats["handoff"]["count"] == len(PROMPTS) and stats["handoff"]["mean_s"] > 0
         for o in outputs:  # the record spans both workers: first token on the prefill worker
-            assert o.metrics.ttft > 0 and len(o.record.token_times) == 10
+            assert o.metrics.ttft > 0 and len(o.metrics.inter_token_latencies) == 9
+            assert o.record.num_output_tokens == 10 and o.record.first_token_time < o.record.finish_time
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

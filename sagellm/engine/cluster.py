@@ -21,7 +21,7 @@ from sagellm.config import SageLLMConfig
 from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
 from sagellm.core.router import make_router
 from sagellm.engine.cluster_worker import worker_main
-from sagellm.engine.types import GenerateOutput, GenerateRequest
+from sagellm.engine.types import GenerateOutput, GenerateRequest, coerce_request, collect_outputs
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class ClusterEngine:
         for w in self.workers:
             w.process.join(timeout=20.0)
         self._kill_all()
+        for q in [w.commands for w in self.workers] + [self._events]:
+            q.cancel_join_thread()  # a dead reader must not block this process's exit
+            q.close()
         with self._lock:
             tracked, self._tracked = self._tracked, {}
         for t in tracked.values():
@@ -169,28 +172,20 @@ class ClusterEngine:
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
-        return self.generate_batch([_coerce(request, kwargs)])[0]
+        return self.generate_batch([coerce_request(request, kwargs)])[0]
 
     def generate_batch(self, requests: list[GenerateRequest | str], **kwargs: Any) -> list[GenerateOutput]:
-        reqs = [_coerce(r, kwargs) for r in requests]
+        reqs = [coerce_request(r, kwargs) for r in requests]
         ids = [r.request_id for r in reqs]
         if len(set(ids)) != len(ids):
             raise ValueError("request_id: the same id appears more than once in the batch")
         done: queue.Queue = queue.Queue()
         for r in reqs:
             self._submit(r, done.put)
-        outputs: dict[str, GenerateOutput] = {}
-        while len(outputs) < len(reqs):
-            try:
-                out = done.get(timeout=1.0)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            outputs[out.request_id] = out
-        return [outputs[i] for i in ids]
+        return collect_outputs(done, ids, self._check_alive)
 
     async def generate_async(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
-        req = _coerce(request, kwargs)
+        req = coerce_request(request, kwargs)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
@@ -281,7 +276,7 @@ class ClusterEngine:
             out: GenerateOutput = event[2]
             with self._lock:
                 t = self._tracked.get(out.request_id)
-                if t is None or t.worker != index:
+                if t is None or index not in (t.worker, self._decode_worker_of(out.request_id)):
                     return  # a request already failed over or finished
                 if out.finish_reason == "prefilled":
                     t.stage = "decode"
@@ -302,6 +297,13 @@ class ClusterEngine:
             if w.alive:
                 w.process.kill()
                 self._worker_died(w, event[2])
+
+    def _decode_worker_of(self, rid: str) -> int | None:
+        """The worker index of a STRICT request's decode worker (its output may overtake the prefill
+        worker's "prefilled" event), None otherwise."""
+        if self.coordinator is None or rid not in self.coordinator.assigned:
+            return None
+        return self._n_prefill + self.coordinator.assigned[rid][1]
 
     def _worker_died(self, w: _Worker, why: str) -> None:
         w.alive = False
@@ -370,16 +372,6 @@ class ClusterEngine:
                 if k == kind:
                     replies[index] = value
             return [replies[i] for i in sorted(replies)]
-
-
-def _coerce(request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
-    if isinstance(request, str):
-        return GenerateRequest(prompt=request, **kwargs)
-    if kwargs:
-        raise ValueError("keyword sampling options apply only to a plain-text prompt")
-    if not isinstance(request, GenerateRequest):
-        raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
-    return request
 
 
 def _error_output(req: GenerateRequest, message: str, reason: str = "error") -> GenerateOutput:

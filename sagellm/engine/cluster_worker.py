@@ -31,7 +31,9 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
     from sagellm.engine.pd_transport import HandoffReceiver, HandoffSender
 
     try:
-        cfg = SageLLMConfig.from_dict(config).replace(scheduler={"mode": "hybrid", "inference_mode": role})
+        cfg = SageLLMConfig.from_dict(config)
+        if role != "standard":  # a worker of a strict cluster: one role, no cluster of its own
+            cfg = cfg.replace(scheduler={"mode": "hybrid", "inference_mode": role})
         engine = SageLLMEngine(cfg).initialize()
     except Exception as exc:
         events.put(("fatal", index, f"worker {index} ({role}) failed to start: {exc!r}\n{traceback.format_exc()}"))

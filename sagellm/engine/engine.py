@@ -24,7 +24,14 @@ from sagellm.engine.executor import LiveExecutor
 from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.pd_transport import HandoffMeta
-from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
+from sagellm.engine.types import (
+    GenerateOutput,
+    GenerateRequest,
+    RequestMetrics,
+    StreamDelta,
+    coerce_request,
+    collect_outputs,
+)
 from sagellm.metrics.records import RequestRecord
 from sagellm.models.attention import PagedKVCache
 from sagellm.models.llama import LlamaModel
@@ -65,7 +72,8 @@ class SageLLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._lock = threading.Lock()
-        self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0}
+        self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0,
+                       "busy_s": 0.0}
         self._started_at = 0.0
         self.worker_index = 0  # this engine's index among the prefill workers of a cluster
 
@@ -145,15 +153,7 @@ class SageLLMEngine:
         # One message for the whole batch: the loop admits all of it before its next step.
         self._check_alive()
         self._inbox.put(("add_many", ([_Pending(r, ids, done.put) for r, ids in prepared], time.monotonic())))
-        outputs = {}
-        while len(outputs) < len(reqs):
-            try:
-                out = done.get(timeout=1.0)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            outputs[out.request_id] = out
-        return [outputs[r.request_id] for r in reqs]
+        return collect_outputs(done, [r.request_id for r in reqs], self._check_alive)
 
     async def generate_async(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
         req = self._coerce(request, kwargs)
@@ -247,6 +247,8 @@ class SageLLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
+            schedule_mode=self.config.scheduler.schedule_mode.value,
+            role=self.config.scheduler.role.value,
             kv=kvm.stats.to_dict(),
             uptime_s=elapsed,
             output_tokens_per_s=stats["output_tokens"] / elapsed,
@@ -255,13 +257,7 @@ class SageLLMEngine:
 
     # ---- request preparation (caller thread) -------------------------------------------------
     def _coerce(self, request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
-        if isinstance(request, str):
-            return GenerateRequest(prompt=request, **kwargs)
-        if kwargs:
-            raise ValueError("keyword sampling options apply only to a plain-text prompt")
-        if not isinstance(request, GenerateRequest):
-            raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
-        return request
+        return coerce_request(request, kwargs)
 
     def _prepare(self, req: GenerateRequest) -> tuple[GenerateRequest, tuple[int, ...]]:
         self._require_initialized()
@@ -326,6 +322,8 @@ class SageLLMEngine:
                 self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
                 continue
             if not out.is_empty:
+                with self._lock:
+                    self._stats["busy_s"] += result.duration
                 self._dispatch(out, finished)
         self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
 

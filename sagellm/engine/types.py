@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
@@ -111,7 +114,9 @@ class RequestMetrics:
 @dataclass(frozen=True)
 class GenerateOutput:
     """A finished request: generated `text` and `token_ids` (eos included when it ended the
-    request), `finish_reason` "stop", "length", "abort" or "error" (then `error` says why)."""
+    request), `finish_reason` "stop", "length", "abort" or "error" (then `error` says why), or
+    "prefilled" from a prefill-only engine (`scheduler.inference_mode: prefill_only`: the first
+    token is sampled and the request continues on a decode worker)."""
 
     request_id: str
     text: str
@@ -140,3 +145,30 @@ class StreamDelta:
     token_ids: tuple[int, ...]
     finished: bool = False
     output: GenerateOutput | None = None
+
+
+def coerce_request(request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
+    """A `GenerateRequest` from what a caller passed: a request, or a prompt string plus sampling
+    keywords; ValueError otherwise."""
+    if isinstance(request, str):
+        return GenerateRequest(prompt=request, **kwargs)
+    if kwargs:
+        raise ValueError("keyword sampling options apply only to a plain-text prompt")
+    if not isinstance(request, GenerateRequest):
+        raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
+    return request
+
+
+def collect_outputs(done: queue.Queue, request_ids: list[str], check_alive: Callable[[], None]
+                    ) -> list[GenerateOutput]:
+    """Wait for one output per id on `done` (any order); `check_alive` runs every second while
+    waiting and raises if the engine has stopped. Returns them in the order of `request_ids`."""
+    outputs: dict[str, GenerateOutput] = {}
+    while len(outputs) < len(request_ids):
+        try:
+            out = done.get(timeout=1.0)
+        except queue.Empty:
+            check_alive()
+            continue
+        outputs[out.request_id] = out
+    return [outputs[i] for i in request_ids]
