@@ -38,6 +38,7 @@ SWEEP_PANELS = (("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)")
 GOODPUT_PANELS = (("goodput", "goodput (req/s)"), ("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)"))
 LATENCY_PREFIXES = ("ttft", "tpot", "e2e_latency", "queueing_delay", "itl")
 POINT_INDEX = "point index"
+RATE_KEY = "workload.arrival.rate"  # the preferred x axis of sweep figures
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -179,7 +180,7 @@ def _sweep_frame(run: RunData, x: str | None) -> tuple[pd.DataFrame, str, list[s
     keys = [k for k in sweep_keys(run) if k in frame.columns]
     if x is None and keys:
         numeric = [k for k in keys if pd.api.types.is_numeric_dtype(frame[k])]
-        x = (numeric or keys)[0]
+        x = RATE_KEY if RATE_KEY in numeric else (numeric or keys)[0]
     if x is None:
         index = {p["slug"]: p["index"] for p in run.manifest.get("points", [])}
         frame[POINT_INDEX] = frame["point"].map(index)
@@ -265,7 +266,26 @@ def plot_goodput_vs(run: RunData, out: Path, x: str | None = None) -> Path:
     colour per combination of the other sweep keys (e.g. per scheduling mode), both sides, to `out`."""
     name = run.manifest.get("name", run.path.name)
     sides = tuple(s for s in ("simulate", "live") if (run.summary["side"] == s).any())
-    return _draw_panels(run, out, x, GOODPUT_PANELS, sides, f"{name}: goodput")
+    slo_keys = [k for k in sweep_keys(run) if k.startswith("slo.") and k in run.summary.columns]
+    if not slo_keys:
+        return _draw_panels(run, out, x, GOODPUT_PANELS, sides, f"{name}: goodput")
+    # A sweep over an SLO: one goodput panel per objective, one line per other setting.
+    frame, xcol, others = _sweep_frame(run, x)
+    key = slo_keys[0]
+    values = sorted(frame[key].dropna().unique())
+    fig, axes = _figure(len(values))
+    for ax, value in zip(axes, values):
+        groups = _groups(frame[frame[key] == value], [k for k in others if k != key])
+        for g, (glabel, rows) in enumerate(groups):
+            for side in sides:
+                label = glabel if len(sides) == 1 else f"{SIDE_LABELS[side]} ({glabel})"
+                _draw_side(ax, rows, xcol, "goodput", side, label, f"C{g}")
+        ax.set(xlabel=xcol, ylabel="goodput (req/s)", title=f"{key.split('.', 1)[1]} = {value:g}")
+        ax.grid(alpha=0.3)
+        _mark_empty(ax)
+    _legend(axes)
+    fig.suptitle(f"{name}: goodput")
+    return _save(fig, out)
 
 
 def write_plots(run_dir: Path) -> list[Path]:

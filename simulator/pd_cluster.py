@@ -25,7 +25,10 @@ class HandoffLink:
     Contract: `finish_time(num_bytes, ready_times)` books the link for one hand-off whose KV is
     sent in `len(ready_times)` equal pieces, piece i ready to leave at `ready_times[i]` (one piece
     after the step for block-wise hand-offs, one per layer during it for layer-wise), and returns
-    when the last byte arrives. Each piece costs `cost_model.transfer_time(bytes, "hbm", "peer")`.
+    when the hand-off is complete. The link `cost_model.transfer_time(bytes, "hbm", "peer")` is
+    affine, latency + bytes / bandwidth: each piece takes its bytes / bandwidth, and the latency is
+    paid once per hand-off, after the last piece (the request's meta that completes it, as the
+    live transport sends it). So a block-wise hand-off takes `transfer_time(all bytes)`.
     """
 
     def __init__(self, cost_model: CostModel) -> None:
@@ -33,10 +36,14 @@ class HandoffLink:
         self.free_at = 0.0
 
     def finish_time(self, num_bytes: int, ready_times: list[float]) -> float:
-        piece = self.cost_model.transfer_time(num_bytes // len(ready_times), "hbm", "peer")
+        piece = num_bytes // len(ready_times)
+        one = self.cost_model.transfer_time(piece, "hbm", "peer")
+        latency = max(0.0, 2 * one - self.cost_model.transfer_time(2 * piece, "hbm", "peer"))
+        per_piece = one - latency
         t = self.free_at
         for ready in ready_times:
-            t = max(t, ready) + piece
+            t = max(t, ready) + per_piece
+        t += latency
         self.free_at = t
         return t
 
