@@ -36,7 +36,7 @@ SWEEP_PANELS = (("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)")
                 ("output_throughput", "output throughput (tokens/s)"), ("goodput", "goodput (req/s)"))
 # Panels of the goodput figure (scheduling modes against request rate).
 GOODPUT_PANELS = (("goodput", "goodput (req/s)"), ("ttft_mean", "mean TTFT (ms)"), ("tpot_mean", "mean TPOT (ms)"))
-LATENCY_PREFIXES = ("ttft", "tpot", "e2e_latency", "queueing_delay", "itl")
+LATENCY_PREFIXES = ("ttft", "tpot", "e2e_latency", "queueing_delay", "itl", "handoff_mean")
 POINT_INDEX = "point index"
 RATE_KEY = "workload.arrival.rate"  # the preferred x axis of sweep figures
 
