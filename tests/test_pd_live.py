@@ -80,7 +80,7 @@ def test_a_dead_decode_worker_fails_or_retries_its_requests_and_the_cluster_keep
                              "retry_on_worker_failure": retry})
     done: dict[str, Any] = {}
     with ClusterEngine(cfg) as eng:
-        reqs = _requests("d", max_new_tokens=120)
+        reqs = _requests("d", max_new_tokens=64)
         for r in reqs:
             eng._submit(r, lambda out: done.__setitem__(out.request_id, out))
         victims = [rid for rid, (_, d) in eng.coordinator.assigned.items() if d == 1]
@@ -93,7 +93,7 @@ def test_a_dead_decode_worker_fails_or_retries_its_requests_and_the_cluster_keep
             out = done[r.request_id]
             if retry or r.request_id not in victims:
                 assert out.finish_reason == "length", out.error
-                assert len(out.token_ids) == 120
+                assert len(out.token_ids) == 64
             else:
                 assert out.finish_reason == "error"
                 assert "worker 2 (decode_only" in out.error and "died" in out.error
