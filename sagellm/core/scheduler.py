@@ -196,6 +196,7 @@ class Scheduler:
         receives: list[KVOp] = []
         slots = self._slots
         running = self.running
+        # A kind of row is skipped outside its TIME_SHARE phase or once its per-step cap is reached.
         skip_decodes = prefill_phase is True
         skip_prefills = prefill_phase is False
         max_decode, max_prefill = self._max_decode, self._max_prefill
@@ -215,16 +216,14 @@ class Scheduler:
             is_decode = total - start == 1 and start >= req.num_prompt_tokens
             if is_decode and start < slots[rid]:
                 # The common case: a decode whose next token fits in its blocks.
-                if skip_decodes or n_decode >= max_decode:
-                    i += 1
-                    continue
-                append((rid, start, (out_ids[-1],), (), False, True))
-                budget -= 1
-                n_decode += 1
+                if not skip_decodes:
+                    append((rid, start, (out_ids[-1],), (), False, True))
+                    budget -= 1
+                    n_decode += 1
+                    skip_decodes = n_decode >= max_decode
                 i += 1
                 continue
-            if (skip_decodes if is_decode else (skip_prefills or n_prefill >= max_prefill)) or (
-                    is_decode and n_decode >= max_decode):
+            if skip_decodes if is_decode else skip_prefills:
                 i += 1
                 continue
             end = min(total, start + budget)
@@ -237,8 +236,10 @@ class Scheduler:
             budget -= end - start
             if is_decode:
                 n_decode += 1
+                skip_decodes = n_decode >= max_decode
             else:
                 n_prefill += 1
+                skip_prefills = n_prefill >= max_prefill
             i += 1
         while i < len(running) and budget > 0:
             req = running[i]
@@ -247,8 +248,7 @@ class Scheduler:
             n = total - start
             rid = req.request_id
             is_decode = n == 1 and start >= req.num_prompt_tokens
-            if (skip_decodes if is_decode else (skip_prefills or n_prefill >= max_prefill)) or (
-                    is_decode and n_decode >= max_decode):
+            if skip_decodes if is_decode else skip_prefills:
                 i += 1
                 continue
             if n > budget:
@@ -270,8 +270,10 @@ class Scheduler:
             budget -= n
             if is_decode:
                 n_decode += 1
+                skip_decodes = n_decode >= max_decode
             else:
                 n_prefill += 1
+                skip_prefills = n_prefill >= max_prefill
             i += 1
 
         # Then waiting requests, first come first served; each starts a fresh block table (with
@@ -285,7 +287,7 @@ class Scheduler:
             hits = None
             if req.remote_kv_tokens:
                 # A handed-off request: its prompt's KV arrives from the prefill worker; it decodes.
-                if skip_decodes or n_decode >= max_decode:
+                if skip_decodes:
                     break
                 start = req.remote_kv_tokens
                 added = kv.allocate_slots(rid, total)
@@ -298,8 +300,9 @@ class Scheduler:
                 rows.append((rid, start, req.token_slice(start, total), tuple(added), True, True))
                 budget -= total - start
                 n_decode += 1
+                skip_decodes = n_decode >= max_decode
                 continue
-            if skip_prefills or n_prefill >= max_prefill:
+            if skip_prefills:
                 break
             if self.swaps and kv.is_swapped(rid):
                 start = req.num_computed_tokens
@@ -329,6 +332,7 @@ class Scheduler:
             rows.append((rid, start, req.token_slice(start, end), new_blocks, True, end == total))
             budget -= n
             n_prefill += 1
+            skip_prefills = n_prefill >= max_prefill
         return rows, preempted, receives
 
     def _admit(self, req: Request, start: int, now: float) -> None:
