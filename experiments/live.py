@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm.config import SageLLMConfig
-from sagellm.metrics import RequestRecord, summarize
+from sagellm.metrics import RequestRecord, handoff_summary, summarize
 from sagellm.metrics.summary import SLO
 from simulator.workloads import TraceRequest, prompt_token_ids
 
@@ -94,8 +94,6 @@ class LiveRunner:
         info = {"engine_stats": stats, "cpu_steal": steal, "worker_busy_seconds": busy}
         handoffs = getattr(self.engine, "handoff_seconds", [])[handoffs_before:]
         if handoffs:
-            from simulator.pd_cluster import handoff_summary
-
             info["handoff"] = handoff_summary(handoffs)
             summary["handoff_mean_s"] = info["handoff"]["mean_s"]
         return LiveResult(records, itls, summary, info)

@@ -122,13 +122,3 @@ class StrictCluster:
         req.finish_time = None
         self.decode[d].submit(req)
 
-
-def handoff_summary(seconds: list[float]) -> dict[str, float | int]:
-    """Count, mean, p50 and p90 of hand-off durations (seconds); the same keys on the live side."""
-    ordered = sorted(seconds)
-    n = len(ordered)
-
-    def pct(q: float) -> float:
-        return ordered[min(n - 1, int(q * n))] if n else 0.0
-
-    return {"count": n, "mean_s": sum(ordered) / n if n else 0.0, "p50_s": pct(0.5), "p90_s": pct(0.9)}

@@ -22,12 +22,12 @@ from sagellm.core.pd import InferenceMode, ScheduleMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.router import make_router
 from sagellm.core.sampling import SamplingParams
-from sagellm.metrics import MetricsCollector, RequestRecord, summarize
+from sagellm.metrics import MetricsCollector, RequestRecord, handoff_summary, summarize
 from simulator.build import build_cost_model, build_scheduler, kv_block_bytes, kv_num_blocks, resolve_shape
 from simulator.config import SimulationConfig
 from simulator.cost.base import CostModel
 from simulator.executor import PredictedExecutor
-from simulator.pd_cluster import StrictCluster, handoff_summary
+from simulator.pd_cluster import StrictCluster
 from simulator.replica import Replica
 from simulator.workloads import TraceRequest, WorkloadError, generate, prompt_token_ids
 

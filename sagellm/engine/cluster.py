@@ -22,6 +22,7 @@ from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
 from sagellm.core.router import make_router
 from sagellm.engine.cluster_worker import worker_main
 from sagellm.engine.types import GenerateOutput, GenerateRequest, coerce_request, collect_outputs
+from sagellm.metrics import handoff_summary
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ class ClusterEngine:
         return [s for samples in self._broadcast("probe", timeout=600.0) for s in samples]
 
     def get_stats(self) -> dict[str, Any]:
-        from simulator.pd_cluster import handoff_summary
-
         workers = self._broadcast("stats")
         kv: dict[str, float] = {}
         for st in workers:

@@ -79,3 +79,14 @@ def summarize(
         summary["goodput"] = rate(good)
         summary["slo_attainment"] = good / len(records) if records else math.nan
     return summary
+
+
+def handoff_summary(seconds: list[float]) -> dict[str, float | int]:
+    """Count, mean, p50 and p90 of prefill-to-decode KV hand-off durations (seconds), for both sides."""
+    ordered = sorted(seconds)
+    n = len(ordered)
+
+    def pct(q: float) -> float:
+        return ordered[min(n - 1, int(q * n))] if n else 0.0
+
+    return {"count": n, "mean_s": sum(ordered) / n if n else 0.0, "p50_s": pct(0.5), "p90_s": pct(0.9)}
