@@ -48,7 +48,7 @@ def measure_kv_links(cache: PagedKVCache, repeats: int = 5) -> dict[str, dict[st
                     times.append(time.perf_counter() - t0)
                 xs.append(n * block_bytes)
                 ys.append(statistics.median(times[1:]))
-            links[f"{src}->{dst}"] = _fit(xs, ys)
+            links[f"{src}->{dst}"] = fit_link(xs, ys)
         return links
     finally:
         transfers.close()
@@ -65,8 +65,8 @@ def refill(transfers: KVTransferExecutor, tier: str, n: int) -> None:
         transfers.run(tuple(KVOp(OFFLOAD, "hbm", i, "nvme", i) for i in range(n)))
 
 
-def _fit(xs: list[float], ys: list[float]) -> dict[str, float]:
-    """Least squares y = latency + x / bandwidth, with latency >= 0."""
+def fit_link(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least squares seconds y = latency + bytes x / bandwidth, with latency >= 0."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     latency = my - slope * mx

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 
 from sagellm.config import SageLLMConfig
+from sagellm.engine.kv_calibration import fit_link
 
 PROMPT_LENGTHS = (16, 64, 160, 320, 640, 1200)
 
@@ -41,17 +42,7 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
                         by_size.setdefault(engine.handoff_bytes[-1], []).append(engine.handoff_seconds[-1])
         share = 1.0 if granularity == "block" else 1.0 / layers
         rows += [(size * share, statistics.median(times)) for size, times in by_size.items()]
-    link = _fit(rows)
+    link = fit_link([x for x, _ in rows], [y for _, y in rows])
     link["samples"] = len(rows) * repeats
     return link
 
-
-def _fit(rows: list[tuple[float, float]]) -> dict[str, float]:
-    """Least squares seconds = latency + bytes / bandwidth, latency >= 0."""
-    xs, ys = [x for x, _ in rows], [y for _, y in rows]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x in xs)
-    latency = my - slope * mx
-    if latency < 0:
-        latency, slope = 0.0, sum(ys) / sum(xs)
-    return {"bandwidth": 1.0 / slope, "latency": latency}
