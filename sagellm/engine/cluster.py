@@ -21,7 +21,7 @@ from sagellm.config import SageLLMConfig
 from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
 from sagellm.core.router import make_router
 from sagellm.engine.cluster_worker import worker_main
-from sagellm.engine.types import GenerateOutput, GenerateRequest, coerce_request, collect_outputs
+from sagellm.engine.types import GenerateOutput, GenerateRequest, coerce_request, collect_outputs, rejected_output
 from sagellm.metrics import handoff_summary
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ClusterEngine:
         with self._lock:
             tracked, self._tracked = self._tracked, {}
         for t in tracked.values():
-            _deliver(t.on_done, _error_output(t.request, "engine shut down", "abort"))
+            _deliver(t.on_done, rejected_output(t.request, "engine shut down", "abort"))
 
     def _kill_all(self) -> None:
         for w in self.workers:
@@ -227,12 +227,12 @@ class ClusterEngine:
         self._check_alive()
         with self._lock:
             if req.request_id in self._tracked:
-                _deliver(on_done, _error_output(req, f"request_id {req.request_id!r} is already in flight"))
+                _deliver(on_done, rejected_output(req, f"request_id {req.request_id!r} is already in flight"))
                 return
             try:
                 worker, decode = self._route(req.request_id)
             except NoWorkerError as exc:
-                _deliver(on_done, _error_output(req, f"no worker can serve it: {exc}"))
+                _deliver(on_done, rejected_output(req, f"no worker can serve it: {exc}"))
                 return
             self._tracked[req.request_id] = _Tracked(req, on_done, worker, "prefill" if self.strict else "serve")
             self.workers[worker].commands.put(("add", req, decode))
@@ -350,7 +350,7 @@ class ClusterEngine:
         del self._tracked[rid]
         if self.coordinator is not None:
             self.coordinator.complete(rid)
-        _deliver(t.on_done, _error_output(t.request, message))
+        _deliver(t.on_done, rejected_output(t.request, message))
 
     def _broadcast(self, kind: str, timeout: float = 120.0) -> list[Any]:
         """Send a command to every live worker and collect their replies (in worker order)."""
@@ -371,10 +371,6 @@ class ClusterEngine:
                 if k == kind:
                     replies[index] = value
             return [replies[i] for i in sorted(replies)]
-
-
-def _error_output(req: GenerateRequest, message: str, reason: str = "error") -> GenerateOutput:
-    return GenerateOutput(req.request_id, "", (), reason, tuple(req.prompt_token_ids or ()), None, error=message)
 
 
 def _deliver(callback: Callable[[GenerateOutput], None], out: GenerateOutput) -> None:

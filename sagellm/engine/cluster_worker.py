@@ -67,6 +67,7 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
 
 def _serve(index: int, engine: Any, sender: Any, commands: Any, events: Any) -> None:
     from sagellm.engine.calibration import speed_probe
+    from sagellm.engine.types import rejected_output
 
     def done(out: Any) -> None:
         events.put(("done", index, out))
@@ -86,12 +87,11 @@ def _serve(index: int, engine: Any, sender: Any, commands: Any, events: Any) -> 
             if sender is not None:
                 sender.destinations[request.request_id] = decode_worker
             try:
-                req, ids = engine._prepare(request)
-                engine.submit_pending(req, ids, done)
+                engine.submit(request, done)
             except ValueError as exc:
                 if sender is not None:
                     sender.destinations.pop(request.request_id, None)
-                events.put(("done", index, engine.error_output(request, str(exc))))
+                events.put(("done", index, rejected_output(request, str(exc))))
         elif kind == "decode_dead" and sender is not None:
             sender.mark_dead(cmd[1])
         elif kind == "redirect" and sender is not None:

@@ -187,14 +187,11 @@ class SageLLMEngine:
         `sagellm.engine.pd_transport.HandoffSender`); call before serving."""
         self.executor.handoff = sender
 
-    def submit_pending(self, request: GenerateRequest, prompt_ids: tuple[int, ...],
-                       on_done: Callable[[GenerateOutput], None]) -> None:
-        """Queue a request `_prepare`d by the caller; `on_done` gets its output (a worker's path)."""
-        self._submit(_Pending(request, prompt_ids, on_done))
-
-    def error_output(self, request: GenerateRequest, message: str) -> GenerateOutput:
-        """The output of a request rejected before it was queued."""
-        return GenerateOutput(request.request_id, "", (), "error", (), None, error=message)
+    def submit(self, request: GenerateRequest, on_done: Callable[[GenerateOutput], None]) -> None:
+        """Queue `request`; `on_done` gets its output from the engine thread (a worker's path).
+        ValueError, before anything is queued, if the request is invalid."""
+        req, ids = self._prepare(request)
+        self._submit(_Pending(req, ids, on_done))
 
     def submit_prefilled(self, meta: Any, kv: torch.Tensor, on_done: Callable[[GenerateOutput], None]) -> None:
         """On a decode-only engine: continue a request prefilled elsewhere (`meta`, a `HandoffMeta`)

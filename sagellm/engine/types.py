@@ -147,6 +147,13 @@ class StreamDelta:
     output: GenerateOutput | None = None
 
 
+def rejected_output(request: GenerateRequest, message: str, reason: str = "error") -> GenerateOutput:
+    """The output of a request that ended before it produced anything: `reason` "error" or
+    "abort", `message` saying why."""
+    return GenerateOutput(request.request_id, "", (), reason, tuple(request.prompt_token_ids or ()), None,
+                          error=message)
+
+
 def coerce_request(request: GenerateRequest | str, kwargs: dict[str, Any]) -> GenerateRequest:
     """A `GenerateRequest` from what a caller passed: a request, or a prompt string plus sampling
     keywords; ValueError otherwise."""
