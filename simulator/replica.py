@@ -18,21 +18,21 @@ class Replica:
 
     Contract: `submit(request)` queues a request now (raises ValueError if the scheduler rejects
     it); the process sleeps while there is no work and wakes on the next submit. Every step takes
-    the executor's predicted duration; finished requests go to `collector`, or to
-    `on_finish(request, step_start, step_seconds)` when given (a prefill worker hands them off).
+    the executor's predicted duration; finished requests go to `collector`, or to the attribute
+    `on_finish(request, step_start, step_seconds)` when one is set (a STRICT cluster sets it to
+    hand prefilled requests off).
     `on_step`, if given, sees every `SchedulerOutput` (used by tests and traces).
     """
 
     def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, executor: PredictedExecutor,
-                 collector: MetricsCollector, on_step: Callable[[SchedulerOutput], None] | None = None,
-                 on_finish: Callable[[Request, float, float], None] | None = None) -> None:
+                 collector: MetricsCollector, on_step: Callable[[SchedulerOutput], None] | None = None) -> None:
         self.env = env
         self.index = index
         self.scheduler = scheduler
         self.executor = executor
         self.collector = collector
         self.on_step = on_step
-        self.on_finish = on_finish
+        self.on_finish: Callable[[Request, float, float], None] | None = None
         self.num_steps = 0
         self.busy_time = 0.0
         self._wakeup: simpy.Event | None = None
