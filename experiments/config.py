@@ -49,7 +49,11 @@ class LiveConfig:
     calibrated profile on the simulate side), a few fixed steps are timed before and after each
     live run; the simulator's step times are scaled by how much slower or faster than its profile
     the machine ran them (the median over the point's probes), so a prediction is made for the
-    machine as it is during the measurement, not as it was at calibration."""
+    machine as it is during the measurement, not as it was at calibration. With `quiet_wait_s` > 0
+    and `max_cpu_steal` set, a run does not start while the machine is noisy: the speed probe
+    before it is repeated (30 s apart) until the hypervisor takes at most `max_cpu_steal` of the
+    CPU during it, for up to `quiet_wait_s` seconds, after which the run starts anyway. Steal is
+    only seen while this VM is busy, which is why the probe, not an idle wait, measures it."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -57,8 +61,14 @@ class LiveConfig:
     max_cpu_steal: float | None = None
     max_attempts: int = 10
     speed_probe: bool = True
+    quiet_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.quiet_wait_s < 0:
+            raise ConfigError(f"live.quiet_wait_s: must be >= 0 seconds, got {self.quiet_wait_s}")
+        if self.quiet_wait_s and (self.max_cpu_steal is None or not self.speed_probe):
+            raise ConfigError("live.quiet_wait_s: needs live.max_cpu_steal (the quiet threshold) and "
+                              "live.speed_probe: true (the load it is measured under)")
         if self.max_cpu_steal is not None and not 0 < self.max_cpu_steal <= 1:
             raise ConfigError(f"live.max_cpu_steal: must be in (0, 1] or null, got {self.max_cpu_steal}")
         if self.max_attempts < self.repeats:

@@ -41,8 +41,9 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
         old = run_dir / "manifest.json"
         if not old.exists():
             raise ConfigError(f"resume: {run_dir} is not a run folder (no manifest.json)")
-        if json.loads(old.read_text())["config"] != _jsonable_config(cfg.raw):
-            raise ConfigError(f"resume: the experiment file changed since {run_dir} started; start a new run")
+        if _what_is_measured(json.loads(old.read_text())["config"]) != _what_is_measured(_jsonable_config(cfg.raw)):
+            raise ConfigError(f"resume: the experiment file changed since {run_dir} started (beyond "
+                              f"live.{', live.'.join(_HOW_TO_MEASURE)}); start a new run")
     else:
         run_dir = Path(results_root) / cfg.name / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -107,7 +108,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                 raise RuntimeError(
                     f"{title} only {len(measured)} of {cfg.live.repeats} live runs lost less than {limit:.0%} of their "
                     f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
-            before = cost_model.speed_factor(runner.probe()) if probe else None
+            before = _probe_when_quiet(runner, cost_model, cfg.live, title, echo) if probe else None
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
             after = cost_model.speed_factor(runner.probe()) if probe else None
             steal = res.info.get("cpu_steal")
@@ -135,6 +136,33 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     if "simulate" in cfg.sides:
         _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated")
     return doc
+
+
+def _probe_when_quiet(runner, cost_model, live_cfg, title: str, echo: Callable[[str], None],
+                      sleep: Callable[[float], None] = time.sleep,
+                      read_cpu: Callable[[], Any] | None = None) -> float:
+    """The speed factor of a probe before a live run. With `live.quiet_wait_s`, the probe is
+    repeated, 30 s apart, while the hypervisor steals more than `live.max_cpu_steal` of the CPU
+    during it, until the wait runs out (then the run goes ahead and its own steal decides whether
+    it counts)."""
+    from sagellm.backends.cpu_time import CpuTimes, steal_fraction
+
+    read = read_cpu or CpuTimes.read
+    deadline = time.monotonic() + live_cfg.quiet_wait_s
+    while True:
+        cpu = read()
+        factor = cost_model.speed_factor(runner.probe())
+        steal = steal_fraction(cpu, read())
+        if not live_cfg.quiet_wait_s or steal is None or steal <= live_cfg.max_cpu_steal:
+            return factor
+        left = deadline - time.monotonic()
+        if left <= 0:
+            echo(f"{title} still {steal:.1%} of the CPU stolen after waiting {live_cfg.quiet_wait_s:.0f} s; "
+                 "running anyway")
+            return factor
+        echo(f"{title} machine noisy: {steal:.1%} of the CPU stolen during the speed probe "
+             f"(limit {live_cfg.max_cpu_steal:.0%}), {factor:.2f}x the profile's step times; waiting")
+        sleep(min(30.0, left))
 
 
 def _profiled_cost_model(point: SweepPoint):
@@ -280,6 +308,16 @@ def _git_revision() -> str:
 
 def _jsonable_config(raw: dict[str, Any]) -> Any:
     return json.loads(json.dumps(raw, default=str))
+
+
+# Live settings that change how long a measurement may take, not what is measured: a resumed run
+# may change them (e.g. to wait longer for a quiet machine).
+_HOW_TO_MEASURE = ("max_attempts", "quiet_wait_s", "timeout_s")
+
+
+def _what_is_measured(config: dict[str, Any]) -> dict[str, Any]:
+    live = {k: v for k, v in (config.get("live") or {}).items() if k not in _HOW_TO_MEASURE}
+    return {**config, "live": live}
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

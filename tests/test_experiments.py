@@ -38,6 +38,8 @@ def _sim_only(**extra) -> dict:
         ({"sweep": {"variants": [{"label": "x", "sides": ["live"]}]}}, "sweep.variants"),
         ({"sweep": {"variants": [{"label": "only-a-label"}]}}, "sweep.variants"),
         ({"sweep": {"variants": [{"sagellm.scheduler.mode": "both"}]}}, "sagellm.scheduler.mode"),
+        ({"live": {"quiet_wait_s": -1.0}}, "live.quiet_wait_s"),
+        ({"live": {"quiet_wait_s": 60.0}}, "live.quiet_wait_s"),  # without max_cpu_steal
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -107,6 +109,12 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, 
     changed = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 3.0]}))
     with pytest.raises(ConfigError, match="resume"):
         run_experiment(changed, tmp_path, resume=run_dir, echo=lambda s: None, progress=False)
+    # How long to keep trying is not what is measured: a resume may change it.
+    patient = ExperimentConfig.from_dict(_sim_only(sweep={"workload.arrival.rate": [1.0, 2.0, 4.0]},
+                                                   live={"max_attempts": 20, "timeout_s": 60.0}))
+    calls.clear()
+    run_experiment(patient, tmp_path, resume=run_dir, echo=lambda s: None, progress=False)
+    assert calls == []
 
 
 @pytest.mark.slow
@@ -130,3 +138,44 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     assert list(live.columns) == list(sim.columns)
     assert sorted(live["num_output_tokens"]) == sorted(sim["num_output_tokens"])  # identical work on both sides
     assert (run_dir / "plots" / "cdf_000.png").stat().st_size > 0
+
+
+def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
+    from experiments.config import LiveConfig
+    from experiments.runner import _probe_when_quiet
+    from sagellm.backends.cpu_time import CpuTimes
+
+    class Probed:
+        calls = 0
+
+        def probe(self):
+            self.calls += 1
+            return []
+
+    class Model:
+        def speed_factor(self, samples):
+            return 1.5
+
+    def reader(steals):
+        """CPU counters whose steal share over each probe is the next of `steals`."""
+        ticks = iter([tick for s in steals for tick in (CpuTimes(0, 0, 0), CpuTimes(round(100 * (1 - s)), 0,
+                                                                                   round(100 * s)))])
+        return lambda: next(ticks)
+
+    live = LiveConfig(repeats=1, max_cpu_steal=0.02, quiet_wait_s=3600.0)
+    waits, lines, runner = [], [], Probed()
+    factor = _probe_when_quiet(runner, Model(), live, "[p]", lines.append, waits.append, reader([0.2, 0.05, 0.01]))
+    assert factor == 1.5 and runner.calls == 3 and waits == [30.0, 30.0]
+    assert "20.0% of the CPU stolen" in lines[0] and "waiting" in lines[0]
+
+    # Without a wait budget the first probe is used, however noisy.
+    runner = Probed()
+    no_wait = LiveConfig(repeats=1, max_cpu_steal=0.02)
+    _probe_when_quiet(runner, Model(), no_wait, "[p]", lines.append, waits.append, reader([0.5]))
+    assert runner.calls == 1
+
+    # A budget that has run out: one probe, a note, and the run goes ahead.
+    runner, lines = Probed(), []
+    spent = LiveConfig(repeats=1, max_cpu_steal=0.02, quiet_wait_s=1e-9)
+    _probe_when_quiet(runner, Model(), spent, "[p]", lines.append, waits.append, reader([0.5]))
+    assert runner.calls == 1 and "running anyway" in lines[0]
