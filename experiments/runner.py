@@ -183,7 +183,7 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
 
     factor = doc.get("speed_factor")
     if cost_model is not None and factor is not None:
-        cost_model.serving_factor *= factor
+        cost_model.scale(factor)
     result = Simulation(point.simulation, cost_model=cost_model).run(progress=progress)
     if factor is not None:
         result.summary["speed_factor"] = factor

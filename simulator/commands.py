@@ -40,6 +40,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _factors(model) -> str:
+    kinds = ", ".join(f"{kind} {f:.3f}" for kind, f in model.serving_factors.items())
+    return f"{kinds} (all steps {model.serving_factor:.3f})"
+
+
 def cmd_refit(path: Path) -> int:
     """Fit a profile again from its saved samples (for example after the model form changed)."""
     from sagellm.engine.calibration import CalibrationSample
@@ -53,15 +58,17 @@ def cmd_refit(path: Path) -> int:
     samples = [CalibrationSample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
                        float(r["min_s"]), float(r["max_s"]), int(r["repeats"])) for r in rows]
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
-                                                         "repeats")}
+                                                         "repeats", "kv_links")}
     model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
                                                        [s.median_seconds for s in samples], meta=meta,
                                                        in_situ=[s.label == "in situ" for s in samples])
+    model.copy_bandwidth = doc.get("copy_bandwidth", model.copy_bandwidth)
+    model.copy_latency = doc.get("copy_latency", model.copy_latency)
     model.meta["heldout"] = report.__dict__
     model.save(path, _samples_csv(samples, model))
     print(f"refitted {path.name} on {len(samples)} samples: held-out grid shapes median {report.median_error:.1%}, "
           f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; in-situ serving steps median "
-          f"{report.in_situ_median_error:.1%}; serving factor {model.serving_factor:.3f}")
+          f"{report.in_situ_median_error:.1%}; serving factors {_factors(model)}")
     return 0
 
 
@@ -82,7 +89,7 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
     print(f"held-out error on {report.num_heldout} grid shapes: median {report.median_error:.1%}, "
           f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; on {report.in_situ_heldout} in-situ steps: "
           f"median {report.in_situ_median_error:.1%} (validation only)")
-    print(f"serving factor {model.serving_factor:.3f} (live serving steps vs the same steps alone)")
+    print(f"serving factors {_factors(model)} (live serving steps vs the same steps alone)")
     print(f"profile: {path} (+ .csv samples)")
     return 0
 

@@ -81,6 +81,52 @@ def test_step_time_equals_predict_and_profile_round_trips(tmp_path):
     assert path.with_suffix(".csv").read_text() == "label\n"
 
 
+def test_serving_factors_are_fitted_per_step_kind_and_scale_together(tmp_path):
+    """In-situ steps of decodes only ran 3% slower than the grid, steps with a prompt chunk 8%:
+    each kind gets its own factor, and `step_time` picks it by the step's rows."""
+    rng = random.Random(4)
+    truth = _truth()
+    grid = _batches(rng, 80)
+    decode_steps = [BatchShape.from_chunks([(rng.randint(20, 900), 1) for _ in range(rng.randint(1, 40))])
+                    for _ in range(40)]
+    mixed_steps = [BatchShape.from_chunks([(0, rng.randint(16, 400))] + [(300, 1)] * rng.randint(0, 20))
+                   for _ in range(30)]
+    batches = grid + decode_steps + mixed_steps
+    seconds = ([truth.predict(b) for b in grid] + [1.03 * truth.predict(b) for b in decode_steps]
+               + [1.08 * truth.predict(b) for b in mixed_steps])
+    in_situ = [False] * len(grid) + [True] * (len(decode_steps) + len(mixed_steps))
+    model, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds, in_situ=in_situ)
+    assert model.serving_factors["decode"] == pytest.approx(1.03, rel=1e-3)
+    assert model.serving_factors["prefill"] == pytest.approx(1.08, rel=1e-3)
+    assert 1.03 < model.serving_factor < 1.08
+
+    def out(chunks):
+        return SchedulerOutput(1, tuple(f"r{k}" for k in range(len(chunks))), tuple(c for c, _ in chunks),
+                               tuple((0,) * n for _, n in chunks), tuple(() for _ in chunks),
+                               tuple(False for _ in chunks), tuple(True for _ in chunks))
+
+    decodes, mixed = out([(100, 1), (200, 1)]), out([(0, 64), (200, 1)])
+    assert model.step_time(decodes) == pytest.approx(1.03 * model.predict(BatchShape.from_output(decodes)), rel=1e-3)
+    assert model.step_time(mixed) == pytest.approx(1.08 * model.predict(BatchShape.from_output(mixed)), rel=1e-3)
+    before = model.step_time(mixed)
+    model.scale(1.5)
+    assert model.step_time(mixed) == pytest.approx(1.5 * before)
+    path = tmp_path / "p.json"
+    model.save(path, "label\n")
+    assert ProfiledCostModel.load(path).serving_factors == model.serving_factors
+    # A profile from before the kinds (one factor) uses it for both.
+    doc = json.loads(path.read_text())
+    del doc["serving_factors"]
+    path.write_text(json.dumps(doc))
+    old = ProfiledCostModel.load(path)
+    assert old.serving_factors == {"decode": old.serving_factor, "prefill": old.serving_factor}
+    # Too few steps of a kind: the factor over all steps.
+    few, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", grid + decode_steps + mixed_steps[:5],
+                                                seconds[:len(grid) + len(decode_steps) + 5],
+                                                in_situ=in_situ[:len(grid) + len(decode_steps) + 5])
+    assert few.serving_factors["prefill"] == few.serving_factor != few.serving_factors["decode"]
+
+
 def test_features_follow_the_graph():
     decode = BatchShape.from_chunks([(100, 1)])
     two = BatchShape.from_chunks([(100, 1), (100, 1)])

@@ -45,6 +45,14 @@ FEATURES = (*(f"tokens_{k}" for k in KNOTS), "lm_head_flops", "attention_flops",
             "decodes")
 _NUM_KNOTS = len(KNOTS)
 _BATCH_FIELDS = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
+# Serving steps are told apart by kind for the serving factor: only decodes, or some prompt chunk.
+SERVING_KINDS = ("decode", "prefill")
+MIN_KIND_STEPS = 20
+
+
+def serving_kind(batch: BatchShape) -> str:
+    """"decode" when every row of the step is a decode, else "prefill"."""
+    return "decode" if batch.num_seqs == batch.num_decodes else "prefill"
 
 
 def token_basis(num_tokens: int) -> list[float]:
@@ -120,12 +128,18 @@ class FitReport:
 
 
 class ProfiledCostModel:
-    """Step time = coefficients . features (see the module docstring) x `serving_factor`.
+    """Step time = coefficients . features (see the module docstring) x a serving factor.
 
     `predict(batch)` is a step as the grid measured it, alone; `step_time(out)` is a step inside the
-    serving loop: the grid time scaled by `serving_factor`, the ratio of total measured to total
-    predicted time over the calibration's live serving steps (about 1.04 here: with the scheduler,
-    the asyncio front end and other requests' memory around them, steps run a few % slower).
+    serving loop: the grid time scaled by the serving factor of its kind, the ratio of total
+    measured to total predicted time over the calibration's live serving steps of that kind
+    (`SERVING_KINDS`: "decode" for steps of decodes only, "prefill" for steps with a prompt
+    chunk). With the scheduler, the asyncio front end and other requests' memory around them, steps
+    run a few % slower than alone, and not by the same amount for each kind (here about 3% for
+    decode steps and 7% for steps with a prompt chunk). `serving_factor` is the ratio over all
+    in-situ steps, the factor of a kind with fewer than `MIN_KIND_STEPS` of them, and the only one
+    of profiles fitted before the kinds were told apart. `scale(f)` multiplies every factor (the
+    machine's speed now vs at calibration).
 
     `transfer_time` uses `kv_links`, the latency and bandwidth measured for each direction
     ("hbm->ddr", "nvme->hbm", ...) by timing the engine's own KV copies
@@ -133,7 +147,8 @@ class ProfiledCostModel:
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
-                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0, serving_factor: float = 1.0) -> None:
+                 copy_bandwidth: float = 10e9, copy_latency: float = 0.0, serving_factor: float = 1.0,
+                 serving_factors: dict[str, float] | None = None) -> None:
         if len(coefficients) != len(FEATURES):
             raise ValueError(f"expected {len(FEATURES)} coefficients {FEATURES}, got {len(coefficients)}")
         self.shape, self.dtype = shape, dtype
@@ -141,9 +156,14 @@ class ProfiledCostModel:
         self.meta = meta or {}
         self.copy_bandwidth, self.copy_latency = copy_bandwidth, copy_latency
         self.kv_links: dict[str, dict[str, float]] = dict(self.meta.get("kv_links") or {})
-        if serving_factor <= 0:
-            raise ValueError(f"serving_factor must be > 0, got {serving_factor}")
+        factors = {kind: serving_factor for kind in SERVING_KINDS} | dict(serving_factors or {})
+        if set(factors) != set(SERVING_KINDS):
+            raise ValueError(f"serving_factors: kinds are {SERVING_KINDS}, got {sorted(factors)}")
+        for kind, f in {"all": serving_factor, **factors}.items():
+            if not f > 0:
+                raise ValueError(f"serving factor ({kind}) must be > 0, got {f}")
         self.serving_factor = serving_factor
+        self.serving_factors = factors
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
         rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
@@ -170,6 +190,13 @@ class ProfiledCostModel:
         predicted = sum(self.predict(s.batch) for s in samples)
         return sum(s.median_seconds for s in samples) / predicted
 
+    def scale(self, factor: float) -> None:
+        """Multiply every serving factor by `factor` (> 1: the machine runs slower than profiled)."""
+        if not factor > 0:
+            raise ValueError(f"speed factor must be > 0, got {factor}")
+        self.serving_factor *= factor
+        self.serving_factors = {kind: f * factor for kind, f in self.serving_factors.items()}
+
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
             return 0.0
@@ -177,7 +204,7 @@ class ProfiledCostModel:
         t = self.token_time(x[0])
         for w, v in zip(self._weights, x):
             t += w * v
-        return t * self.serving_factor
+        return t * self.serving_factors["decode" if x[1] == x[2] else "prefill"]
 
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
         if num_bytes <= 0:
@@ -229,8 +256,14 @@ class ProfiledCostModel:
                            statistics.median(situ) if situ else float("nan"))
         final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta)
         if situ_idx:
-            final.serving_factor = (sum(seconds[i] for i in situ_idx)
-                                    / sum(final.predict(batches[i]) for i in situ_idx))
+            def factor(which: list[int]) -> float:
+                return sum(seconds[i] for i in which) / sum(final.predict(batches[i]) for i in which)
+
+            final.serving_factor = factor(situ_idx)
+            for kind in SERVING_KINDS:
+                of_kind = [i for i in situ_idx if serving_kind(batches[i]) == kind]
+                enough = len(of_kind) >= MIN_KIND_STEPS
+                final.serving_factors[kind] = factor(of_kind) if enough else final.serving_factor
         return final, report
 
     # ---- files -----------------------------------------------------------------------------------
@@ -248,6 +281,7 @@ class ProfiledCostModel:
             "copy_bandwidth": self.copy_bandwidth,
             "copy_latency": self.copy_latency,
             "serving_factor": self.serving_factor,
+            "serving_factors": self.serving_factors,
             "kv_links": self.kv_links,
         })
         path.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -257,7 +291,7 @@ class ProfiledCostModel:
         shape, dtype, doc = read_profile(path)
         try:
             return cls(shape, dtype, doc["coefficients"], doc, doc.get("copy_bandwidth", 10e9),
-                       doc.get("copy_latency", 0.0), doc.get("serving_factor", 1.0))
+                       doc.get("copy_latency", 0.0), doc.get("serving_factor", 1.0), doc.get("serving_factors"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"hardware: calibrated profile {str(path)!r} does not fit this version's model "
                               f"({exc}); refit it with `sagellm calibrate --refit {path}`") from exc
