@@ -50,9 +50,9 @@ SERVING_KINDS = ("decode", "prefill")
 MIN_KIND_STEPS = 20
 
 
-def serving_kind(batch: BatchShape) -> str:
+def serving_kind(num_seqs: int, num_decodes: int) -> str:
     """"decode" when every row of the step is a decode, else "prefill"."""
-    return "decode" if batch.num_seqs == batch.num_decodes else "prefill"
+    return "decode" if num_seqs == num_decodes else "prefill"
 
 
 def token_basis(num_tokens: int) -> list[float]:
@@ -204,7 +204,7 @@ class ProfiledCostModel:
         t = self.token_time(x[0])
         for w, v in zip(self._weights, x):
             t += w * v
-        return t * self.serving_factors["decode" if x[1] == x[2] else "prefill"]
+        return t * self.serving_factors[serving_kind(x[1], x[2])]
 
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
         if num_bytes <= 0:
@@ -261,7 +261,7 @@ class ProfiledCostModel:
 
             final.serving_factor = factor(situ_idx)
             for kind in SERVING_KINDS:
-                of_kind = [i for i in situ_idx if serving_kind(batches[i]) == kind]
+                of_kind = [i for i in situ_idx if serving_kind(batches[i].num_seqs, batches[i].num_decodes) == kind]
                 enough = len(of_kind) >= MIN_KIND_STEPS
                 final.serving_factors[kind] = factor(of_kind) if enough else final.serving_factor
         return final, report
