@@ -57,6 +57,56 @@ def compare(predicted: dict[str, float], measured_runs: list[dict[str, float]]) 
     return rows
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """The cost model against the live runs' own steps: for each step kind ("all", and
+    `simulator.cost.profiled.SERVING_KINDS`), the number of steps, the measured and predicted
+    seconds summed over them, and predicted / measured - 1. It separates an error in step time (the
+    cost model, or the machine's speed during the run vs its speed probe) from an error in what the
+    simulator's run did with those steps (batching, queueing)."""
+
+    kind: str
+    num_steps: int
+    measured_s: float
+    predicted_s: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.predicted_s / self.measured_s - 1 if self.measured_s else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "relative_error": self.relative_error}
+
+
+def check_steps(cost_model: Any, steps: Any) -> list[StepCheck]:
+    """`cost_model.batch_time` (a `ProfiledCostModel`, already scaled for the machine's speed) on
+    every step of `steps` (a frame of `BatchShape` fields and `seconds`, the live runs' steps)."""
+    from sagellm.graph.batch import BatchShape
+    from simulator.cost.profiled import SERVING_KINDS, serving_kind
+
+    sums = {kind: [0, 0.0, 0.0] for kind in ("all", *SERVING_KINDS)}
+    fields = list(BatchShape.__dataclass_fields__)
+    for row in steps[[*fields, "seconds"]].itertuples(index=False):
+        batch = BatchShape(*(int(v) for v in row[:-1]))
+        if not batch.num_seqs:
+            continue
+        predicted = cost_model.batch_time(batch)
+        for kind in ("all", serving_kind(batch.num_seqs, batch.num_decodes)):
+            acc = sums[kind]
+            acc[0] += 1
+            acc[1] += row[-1]
+            acc[2] += predicted
+    return [StepCheck(kind, n, m, p) for kind, (n, m, p) in sums.items() if n]
+
+
+def format_step_check(checks: list[StepCheck], title: str = "") -> str:
+    lines = [title] if title else []
+    for c in checks:
+        lines.append(f"  {c.kind + ' steps':<20}{c.num_steps:>7} steps  measured {c.measured_s:8.2f} s  "
+                     f"predicted {c.predicted_s:8.2f} s  error {c.relative_error:+.1%}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[FidelityRow], title: str = "") -> str:
     """Aligned text table; latencies in ms, throughputs and ratios as they are, spread = live min..max."""
     lines = [title] if title else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sagellm.config import SageLLMConfig
@@ -15,12 +15,15 @@ from simulator.workloads import TraceRequest, prompt_token_ids
 
 @dataclass
 class LiveResult:
-    """Per-request records (times from the run's start), all inter-token latencies, the summary."""
+    """Per-request records (times from the run's start), all inter-token latencies, the summary,
+    and, for an in-process engine, every step's batch shape and seconds (`sagellm.engine.StepTiming`
+    with `end_time` from the run's start)."""
 
     records: list[RequestRecord]
     inter_token_latencies: Any
     summary: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    steps: list[Any] = field(default_factory=list)
 
 
 class LiveRunner:
@@ -76,8 +79,14 @@ class LiveRunner:
         self.engine.reset_prefix_cache()  # each run starts cold: no KV left from warm-up or earlier runs
         handoffs_before = len(getattr(self.engine, "handoff_seconds", ()))
         busy_before = _busy(self.engine.get_stats())
+        log_steps = hasattr(self.engine, "start_step_log")  # a cluster's workers keep no step log
+        if log_steps:
+            self.engine.start_step_log()
         cpu_before = CpuTimes.read()
-        outputs, start = replay(self.engine, timed, timeout_s)
+        try:
+            outputs, start = replay(self.engine, timed, timeout_s)
+        finally:
+            steps = self.engine.take_step_log() if log_steps else []
         steal = steal_fraction(cpu_before, CpuTimes.read())
         bad = [o for o in outputs if o.finish_reason in ("error", "abort")]
         if bad:
@@ -96,7 +105,8 @@ class LiveRunner:
         if handoffs:
             info["handoff"] = handoff_summary(handoffs)
             summary["handoff_mean_s"] = info["handoff"]["mean_s"]
-        return LiveResult(records, itls, summary, info)
+        steps = [replace(s, end_time=s.end_time - start) for s in steps]
+        return LiveResult(records, itls, summary, info, steps)
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -6,7 +6,8 @@ results/<name>/<UTC time>/
   summary.csv             one row per point and side (live: one row per repeat) with every metric
   fidelity.csv            one row per point and metric: predicted, measured (median), spread, error
   points/<point>/simulate/{requests.parquet, summary.json, kv_usage.csv}
-  points/<point>/live-<r>/{requests.parquet, summary.json}
+  points/<point>/live-<r>/{requests.parquet, summary.json, steps.parquet}
+                             steps: every engine step's batch shape, seconds and end time (in-process engines)
   points/<point>/done.json   written last: the point is complete (a resumed run skips it)
   plots/*.png
 ```
@@ -16,7 +17,7 @@ Notebooks read only this folder, through `load_run`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,13 @@ from sagellm.metrics.records import RECORD_COLUMNS, RequestRecord
 
 
 def write_side(directory: Path, records: list[RequestRecord], summary: dict[str, Any],
-               info: dict[str, Any] | None = None, kv_usage: list | None = None) -> None:
+               info: dict[str, Any] | None = None, kv_usage: list | None = None, steps: list | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([r.to_dict() for r in records], columns=list(RECORD_COLUMNS))
     frame.to_parquet(directory / "requests.parquet", index=False)
+    if steps:
+        pd.DataFrame([{**asdict(s.batch), "seconds": s.seconds, "end_time": s.end_time} for s in steps]
+                     ).to_parquet(directory / "steps.parquet", index=False)
     write_summary(directory, summary, info)
     if kv_usage is not None:
         write_kv_usage(directory, kv_usage)
@@ -49,6 +53,11 @@ class RunData:
         """Per-request records of one point and side ("simulate", "live-0", ...)."""
         return pd.read_parquet(self.path / "points" / point / side / "requests.parquet")
 
+    def steps(self, point: str, side: str) -> pd.DataFrame:
+        """The engine steps of one live run (`BatchShape` fields, seconds, end_time); an empty table
+        for a run that logged none (a cluster, or a run older than the step log)."""
+        return read_steps(self.path / "points" / point / side)
+
     @property
     def points(self) -> list[str]:
         return [p["slug"] for p in self.manifest["points"]]
@@ -65,6 +74,12 @@ def load_run(path: str | Path) -> RunData:
     manifest = json.loads((path / "manifest.json").read_text())
     summary, fidelity = _read_csv(path / "summary.csv"), _read_csv(path / "fidelity.csv")
     return RunData(path, manifest, summary, fidelity)
+
+
+def read_steps(side_dir: Path) -> pd.DataFrame:
+    """`steps.parquet` of a live side's folder, or an empty table when there is none."""
+    path = Path(side_dir) / "steps.parquet"
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

@@ -117,7 +117,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                 res.info["speed_factor_before"], res.info["speed_factor_after"] = before, after
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
-            write_side(pdir / name, res.records, res.summary, res.info)
+            write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
                  f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
@@ -199,6 +199,24 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
         doc["fidelity"] = [_clean(r.to_dict()) for r in table]
         pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
         echo(format_table(table, f"{title} predicted vs measured (median of {len(live)} live runs)"))
+        _check_steps(pdir, doc, cost_model, title, echo)
+
+
+def _check_steps(pdir: Path, doc: dict[str, Any], cost_model, title: str, echo: Callable[[str], None]) -> None:
+    """Price the counted live runs' own steps with the (scaled) cost model: `doc["step_check"]`."""
+    from experiments.fidelity import check_steps, format_step_check
+    from experiments.results import read_steps
+
+    if cost_model is None:
+        return
+    frames = [read_steps(pdir / f"live-{side['repeat']}") for side in doc["sides"] if side["side"] == "live"]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return
+    checks = check_steps(cost_model, pd.concat(frames, ignore_index=True))
+    doc["step_check"] = [_clean(c.to_dict()) for c in checks]
+    echo(format_step_check(checks, f"{title} step times on the {len(frames)} live runs' own batches "
+                                   "(the cost model as scaled for this point)"))
 
 
 def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from experiments.config import ExperimentConfig
 from experiments.runner import run_experiment
 from sagellm.config import ConfigError
 
+PROFILES = Path(__file__).resolve().parent.parent / "simulator" / "hardware" / "profiles"
 WORKLOAD = {"num_requests": 12, "seed": 2, "arrival": {"kind": "poisson", "rate": 2.0},
             "prompt_len": {"kind": "uniform", "low": 16, "high": 64},
             "output_len": {"kind": "uniform", "low": 4, "high": 12}}
@@ -138,6 +141,18 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     assert list(live.columns) == list(sim.columns)
     assert sorted(live["num_output_tokens"]) == sorted(sim["num_output_tokens"])  # identical work on both sides
     assert (run_dir / "plots" / "cdf_000.png").stat().st_size > 0
+    # Every engine step of the live run is logged, and the cost model is checked against them.
+    steps = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "steps.parquet")
+    info = json.loads((run_dir / "points" / "000" / "live-0" / "summary.json").read_text())["info"]
+    assert steps["seconds"].sum() == pytest.approx(info["worker_busy_seconds"][0], rel=1e-9)
+    # each request computes its prompt and all but its last output token (no preemption here)
+    assert live["num_preemptions"].sum() == 0
+    assert steps["num_tokens"].sum() == (live["num_prompt_tokens"] + live["num_output_tokens"] - 1).sum()
+    assert steps["end_time"].is_monotonic_increasing and steps["end_time"].iloc[0] > 0
+    done = json.loads((run_dir / "points" / "000" / "done.json").read_text())
+    (overall,) = [c for c in done["step_check"] if c["kind"] == "all"]
+    assert overall["num_steps"] == len(steps) and overall["measured_s"] == pytest.approx(steps["seconds"].sum())
+    assert "own batches" in text
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -179,3 +194,22 @@ def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
     spent = LiveConfig(repeats=1, max_cpu_steal=0.02, quiet_wait_s=1e-9)
     _probe_when_quiet(runner, Model(), spent, "[p]", lines.append, waits.append, reader([0.5]))
     assert runner.calls == 1 and "running anyway" in lines[0]
+
+
+def test_the_step_check_prices_live_steps_by_kind():
+    from experiments.fidelity import check_steps
+    from sagellm.graph.batch import BatchShape
+    from simulator.cost.profiled import ProfiledCostModel
+
+    (path,) = [p for p in PROFILES.glob("*.json") if "-1t__" not in p.name]
+    model = ProfiledCostModel.load(path)
+    decode = BatchShape.from_chunks([(100, 1)] * 8)
+    mixed = BatchShape.from_chunks([(100, 1)] * 4 + [(0, 200)])
+    rows = [{**asdict(decode), "seconds": 2 * model.batch_time(decode)},  # the machine ran twice as slow
+            {**asdict(mixed), "seconds": model.batch_time(mixed)},
+            {**asdict(BatchShape()), "seconds": 0.0}]  # an empty step is not priced
+    checks = {c.kind: c for c in check_steps(model, pd.DataFrame(rows))}
+    assert checks["decode"].num_steps == 1 and checks["decode"].relative_error == pytest.approx(-0.5)
+    assert checks["prefill"].relative_error == pytest.approx(0.0, abs=1e-12)
+    assert checks["all"].num_steps == 2
+    assert model.batch_time(mixed) == pytest.approx(model.predict(mixed) * model.serving_factors["prefill"])

@@ -165,8 +165,7 @@ def measure_in_situ(engine, num_requests: int = 48, rate: float = 1.2, seed: int
 
     Grid samples time each shape in isolation; these are the steps of real serving, with the
     scheduler, the asyncio front end and the other requests' state around them. Side effects:
-    runs the requests through the engine (ids "calib-live-*") and temporarily wraps
-    `engine.executor.execute` to time it.
+    runs the requests through the engine (ids "calib-live-*") with its step log on.
     """
     from sagellm.engine.replay import replay
     from sagellm.engine.types import GenerateRequest
@@ -181,19 +180,9 @@ def measure_in_situ(engine, num_requests: int = 48, rate: float = 1.2, seed: int
         ids = tuple(rng.randrange(vocab) for _ in range(prompt_len))
         timed.append((t, GenerateRequest(prompt_token_ids=ids, request_id=f"calib-live-{k}", max_new_tokens=out_len,
                                          temperature=0.0, ignore_eos=True)))
-    log: list[tuple[BatchShape, float]] = []
-    executor = engine.executor
-    execute = executor.execute
-
-    def timed_execute(out: SchedulerOutput):
-        t0 = time.perf_counter()
-        result = execute(out)
-        log.append((BatchShape.from_output(out), time.perf_counter() - t0))
-        return result
-
-    executor.execute = timed_execute
+    engine.start_step_log()
     try:
         replay(engine, timed)
     finally:
-        del executor.execute
-    return [CalibrationSample("in situ", b, d, d, d, 1) for b, d in log if b.num_seqs]
+        log = engine.take_step_log()
+    return [CalibrationSample("in situ", s.batch, s.seconds, s.seconds, s.seconds, 1) for s in log if s.batch.num_seqs]

@@ -28,10 +28,12 @@ from sagellm.engine.types import (
     GenerateOutput,
     GenerateRequest,
     RequestMetrics,
+    StepTiming,
     StreamDelta,
     coerce_request,
     collect_outputs,
 )
+from sagellm.graph.batch import BatchShape
 from sagellm.metrics.records import RequestRecord
 from sagellm.models.attention import PagedKVCache
 from sagellm.models.llama import LlamaModel
@@ -75,6 +77,7 @@ class SageLLMEngine:
         self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0,
                        "busy_s": 0.0}
         self._started_at = 0.0
+        self._step_log: list[StepTiming] | None = None
         self.worker_index = 0  # this engine's index among the prefill workers of a cluster
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -219,6 +222,18 @@ class SageLLMEngine:
                 raise RuntimeError("reset_prefix_cache: requests are still in flight")
             time.sleep(0.05)
 
+    def start_step_log(self) -> None:
+        """Record every following step's batch shape and executor time (`take_step_log` returns
+        them). Costs one small object per step; off by default."""
+        with self._lock:
+            self._step_log = []
+
+    def take_step_log(self) -> list[StepTiming]:
+        """The steps recorded since `start_step_log` (oldest first), and stop recording."""
+        with self._lock:
+            log, self._step_log = self._step_log or [], None
+        return log
+
     def get_stats(self) -> dict[str, Any]:
         self._require_initialized()
         elapsed = max(time.monotonic() - self._started_at, 1e-9)
@@ -321,6 +336,9 @@ class SageLLMEngine:
             if not out.is_empty:
                 with self._lock:
                     self._stats["busy_s"] += result.duration
+                    if self._step_log is not None:
+                        self._step_log.append(StepTiming(BatchShape.from_output(out), result.duration,
+                                                         time.monotonic()))
                 self._dispatch(out, finished)
         self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
 

@@ -10,7 +10,18 @@ from typing import Any
 
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
+from sagellm.graph.batch import BatchShape
 from sagellm.metrics.records import RequestRecord
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One step of the engine loop as `SageLLMEngine.start_step_log` records it: the batch's
+    shape, the executor's wall seconds for it, and the monotonic time it ended."""
+
+    batch: BatchShape
+    seconds: float
+    end_time: float
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,12 @@ class ProfiledCostModel:
         """The fitted time of `batch` as the calibration grid measured it: one step alone."""
         return _dot(self.coefficients, features(self.shape, self.dtype, batch))
 
+    def batch_time(self, batch: BatchShape) -> float:
+        """`step_time` of a step whose shape is `batch`: the grid time x its kind's serving factor."""
+        if not batch.num_seqs:
+            return 0.0
+        return self.predict(batch) * self.serving_factors[serving_kind(batch.num_seqs, batch.num_decodes)]
+
     def speed_factor(self, samples: list[Any]) -> float:
         """How much slower (> 1) or faster the machine runs `samples` (calibration samples of a
         speed probe, timed now) than this profile predicts: sum measured / sum predicted."""
