@@ -116,19 +116,25 @@ def cmd_kv_links(path: Path, config) -> int:
 
 
 def cmd_pd_link(path: Path, config) -> int:
-    """Time the live prefill-to-decode hand-off and store it as the profile's "hbm->peer" link."""
+    """Time the live prefill-to-decode hand-off, block-wise and layer-wise, and store them as the
+    profile's "hbm->peer" and "hbm->peer_layer" links."""
     from sagellm.engine.pd_calibration import measure_handoff_link
     from simulator.cost.profiled import ProfiledCostModel
 
     model = ProfiledCostModel.load(path)
     threads = model.meta.get("threads")
-    link = measure_handoff_link(config.replace(model={"dtype": model.dtype}, backend={"num_threads": threads}))
-    model.kv_links["hbm->peer"] = {"bandwidth": link["bandwidth"], "latency": link["latency"]}
+    links = measure_handoff_link(config.replace(model={"dtype": model.dtype}, backend={"num_threads": threads}))
+    for name, link in links.items():
+        model.kv_links[name] = {"bandwidth": link["bandwidth"], "latency": link["latency"]}
+        print(f"{name:16s} {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us "
+              f"({link['samples']} hand-offs, {threads} thread(s) per worker)")
+        for size, seconds in link["points"]:
+            fitted = link["latency"] + size / link["bandwidth"]
+            print(f"    {size / 1e6:8.3f} MB after the step: {seconds * 1e3:7.2f} ms measured (median), "
+                  f"{fitted * 1e3:7.2f} ms fitted")
     with path.with_suffix(".csv").open(newline="") as f:
         samples_csv = f.read()
     model.save(path, samples_csv)
-    print(f"hbm->peer  {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us "
-          f"({link['samples']} hand-offs, {threads} thread(s) per worker)")
     print(f"profile: {path}")
     return 0
 

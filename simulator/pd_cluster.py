@@ -25,20 +25,23 @@ class HandoffLink:
     Contract: `finish_time(num_bytes, ready_times)` books the link for one hand-off whose KV is
     sent in `len(ready_times)` equal pieces, piece i ready to leave at `ready_times[i]` (one piece
     after the step for block-wise hand-offs, one per layer during it for layer-wise), and returns
-    when the hand-off is complete. The link `cost_model.transfer_time(bytes, "hbm", "peer")` is
-    affine, latency + bytes / bandwidth: each piece takes its bytes / bandwidth, and the latency is
-    paid once per hand-off, after the last piece (the request's meta that completes it, as the
-    live transport sends it). So a block-wise hand-off takes `transfer_time(all bytes)`.
+    when the hand-off is complete. The link `cost_model.transfer_time(bytes, "hbm", dst_tier)`
+    ("peer" for block-wise hand-offs, "peer_layer" for layer-wise ones, whose many small messages
+    cost more each) is affine, latency + bytes / bandwidth: each piece takes its bytes /
+    bandwidth, and the latency is paid once per hand-off, after the last piece (the request's meta
+    that completes it, as the live transport sends it). So a block-wise hand-off takes
+    `transfer_time(all bytes)`.
     """
 
-    def __init__(self, cost_model: CostModel) -> None:
+    def __init__(self, cost_model: CostModel, dst_tier: str = "peer") -> None:
         self.cost_model = cost_model
+        self.dst_tier = dst_tier
         self.free_at = 0.0
 
     def finish_time(self, num_bytes: int, ready_times: list[float]) -> float:
         piece = num_bytes // len(ready_times)
-        one = self.cost_model.transfer_time(piece, "hbm", "peer")
-        latency = max(0.0, 2 * one - self.cost_model.transfer_time(2 * piece, "hbm", "peer"))
+        one = self.cost_model.transfer_time(piece, "hbm", self.dst_tier)
+        latency = max(0.0, 2 * one - self.cost_model.transfer_time(2 * piece, "hbm", self.dst_tier))
         per_piece = one - latency
         t = self.free_at
         for ready in ready_times:
@@ -68,7 +71,7 @@ class StrictCluster:
         self.decode = decode
         self.replicas = prefill + decode
         self.coordinator = PDCoordinator(len(prefill), len(decode))
-        self.links = [HandoffLink(cost_model) for _ in prefill]
+        self.links = [HandoffLink(cost_model, "peer_layer" if layers else "peer") for _ in prefill]
         self.block_bytes = block_bytes
         self.block_size = block_size
         self.layers = layers  # 0: block-wise hand-off after the step; L: layer by layer during it

@@ -95,3 +95,24 @@ def test_roofline_prices_the_handoff_over_the_device_link() -> None:
     nbytes = 10**9
     assert a100.transfer_time(nbytes, "hbm", "peer") == pytest.approx(5e-6 + nbytes / 300e9)
     assert sim.run().info["handoff"]["count"] > 0
+
+
+def test_layerwise_handoffs_use_their_own_link_when_the_profile_has_one() -> None:
+    from simulator.cost.profiled import ProfiledCostModel
+
+    (path,) = [p for p in (ROOT / "simulator" / "hardware" / "profiles").glob("*-1t__*.json")]
+    model = ProfiledCostModel.load(path)
+    model.kv_links = {"hbm->peer": {"bandwidth": 1e9, "latency": 0.001}}
+    # one timed link answers for both granularities
+    assert model.transfer_time(10**6, "hbm", "peer_layer") == pytest.approx(0.002)
+    model.kv_links["hbm->peer_layer"] = {"bandwidth": 0.5e9, "latency": 0.004}
+    assert model.transfer_time(10**6, "hbm", "peer") == pytest.approx(0.002)
+    assert model.transfer_time(10**6, "hbm", "peer_layer") == pytest.approx(0.006)
+    # a layer-wise hand-off of 30 pieces: the pieces leave during the step, the layer link's
+    # latency is paid after the last one
+    link = HandoffLink(model, "peer_layer")
+    ready = [1.0 + 0.01 * (i + 1) for i in range(30)]
+    assert link.finish_time(30 * 10**6, ready) == pytest.approx(ready[-1] + 10**6 / 0.5e9 + 0.004)
+    # a layer-wise simulation uses it
+    sim = Simulation(_config({"mode": "strict"}, {"granularity": "layer"}), cost_model=model)
+    assert all(isinstance(x, HandoffLink) and x.dst_tier == "peer_layer" for x in sim.strict.links)

@@ -1,12 +1,18 @@
-"""Times the live prefill-to-decode KV hand-off, for the simulator's "hbm->peer" link.
+"""Times the live prefill-to-decode KV hand-off, for the simulator's "hbm->peer" links.
 
 A STRICT cluster of one prefill and one decode worker serves one request at a time with prompts
 of several lengths, first block-wise, then layer-wise. Each hand-off's measured duration (end of
-the prefill step to the decode worker holding the KV and the request) and size are fitted, both
-granularities together, as the affine link `ProfiledCostModel.transfer_time(bytes, "hbm",
-"peer")` = latency + bytes / bandwidth that `simulator.pd_cluster.HandoffLink` prices: a
-block-wise hand-off takes latency + bytes / bandwidth; a layer-wise one, whose layers left during
-the step, latency + (bytes / layers) / bandwidth after it.
+the prefill step to the decode worker holding the KV and the request) and size are fitted, one
+granularity at a time, as an affine link latency + bytes / bandwidth, the form
+`simulator.pd_cluster.HandoffLink` prices:
+- block-wise ("hbm->peer"): the whole KV leaves after the step, in one message; the fit is over
+  (all bytes, seconds);
+- layer-wise ("hbm->peer_layer"): one message per layer leaves during the step, so what is left
+  after it is the last layer's piece and the request's meta; the fit is over (bytes / layers,
+  seconds).
+The two are fitted apart because they are not one link with one latency: a hand-off of many
+small messages pays a per-message cost (shared-memory segments, file descriptors passed between
+the processes) that one large message pays once.
 """
 
 from __future__ import annotations
@@ -17,17 +23,20 @@ from sagellm.config import SageLLMConfig
 from sagellm.engine.kv_calibration import fit_link
 
 PROMPT_LENGTHS = (16, 64, 160, 320, 640, 1200)
+LINK_NAMES = {"block": "hbm->peer", "layer": "hbm->peer_layer"}
 
 
 def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
-                         prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS) -> dict[str, float]:
-    """{"bandwidth": bytes/s, "latency": s, "samples": n} of the hand-off between two worker
-    processes built from `config` (its thread count and dtype). Side effects: runs two clusters."""
+                         prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS) -> dict[str, dict[str, float]]:
+    """{"hbm->peer": link, "hbm->peer_layer": link}, each {"bandwidth": bytes/s, "latency": s,
+    "samples": n, "points": [(bytes that cross after the step, median s), ...]}, of the hand-off
+    between two worker processes built from `config` (its thread count and dtype). Side effects:
+    runs two clusters."""
     from sagellm.engine.cluster import ClusterEngine
     from sagellm.engine.types import GenerateRequest
 
-    rows: list[tuple[float, float]] = []  # (bytes that cross after the step, median seconds)
-    for granularity in ("block", "layer"):
+    links: dict[str, dict] = {}
+    for granularity, name in LINK_NAMES.items():
         cfg = config.replace(scheduler={"mode": "strict", "inference_mode": "standard", "prefill_workers": 1,
                                         "decode_workers": 1}, kv_cache={"granularity": granularity})
         by_size: dict[int, list[float]] = {}
@@ -41,8 +50,7 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
                     if r:  # the first of each size warms the path up
                         by_size.setdefault(engine.handoff_bytes[-1], []).append(engine.handoff_seconds[-1])
         share = 1.0 if granularity == "block" else 1.0 / layers
-        rows += [(size * share, statistics.median(times)) for size, times in by_size.items()]
-    link = fit_link([x for x, _ in rows], [y for _, y in rows])
-    link["samples"] = len(rows) * repeats
-    return link
-
+        points = sorted((size * share, statistics.median(times)) for size, times in by_size.items())
+        link = fit_link([x for x, _ in points], [y for _, y in points])
+        links[name] = {**link, "samples": sum(len(t) for t in by_size.values()), "points": points}
+    return links

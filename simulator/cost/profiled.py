@@ -143,7 +143,9 @@ class ProfiledCostModel:
 
     `transfer_time` uses `kv_links`, the latency and bandwidth measured for each direction
     ("hbm->ddr", "nvme->hbm", ...) by timing the engine's own KV copies
-    (`sagellm.engine.kv_calibration`); for a direction it lacks, `copy_bandwidth` and `copy_latency`.
+    (`sagellm.engine.kv_calibration`), and the prefill-to-decode hand-off ("hbm->peer" block-wise,
+    "hbm->peer_layer" per layer piece, `sagellm.engine.pd_calibration`; without the second, the
+    first); for a direction it lacks, `copy_bandwidth` and `copy_latency`.
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
@@ -216,6 +218,8 @@ class ProfiledCostModel:
         if num_bytes <= 0:
             return 0.0
         link = self.kv_links.get(f"{src_tier}->{dst_tier}")
+        if link is None and dst_tier == "peer_layer":
+            link = self.kv_links.get(f"{src_tier}->peer")  # a profile that timed one hand-off link
         if link is None:
             return self.copy_latency + num_bytes / self.copy_bandwidth
         return link["latency"] + num_bytes / link["bandwidth"]

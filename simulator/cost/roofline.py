@@ -75,7 +75,7 @@ class RooflineCostModel:
         if src_tier == "staging":
             # a received hand-off copied into the KV pool: read and write device memory
             return 2 * num_bytes / self.bandwidth
-        if dst_tier == "peer":
+        if dst_tier in ("peer", "peer_layer"):
             # a prefill worker's KV to another device: over the device interconnect (NVLink, HCCS)
             # within a node, else over the node network
             link = self.spec.links.get("hbm-hbm") or self.spec.link("node", "node")
