@@ -43,6 +43,7 @@ class LiveRunner:
         self.config = config
         self.engine = create_engine(config, num_replicas, router).initialize()
         self.vocab_size = self.engine.vocab_size
+        self.last_probe: list = []  # the samples of the latest `probe()`
 
     def warmup(self, num_requests: int) -> None:
         from sagellm.engine import GenerateRequest
@@ -55,13 +56,16 @@ class LiveRunner:
             ])
 
     def probe(self) -> list:
-        """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`)."""
+        """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`);
+        also kept as `last_probe`."""
         from sagellm.engine.calibration import speed_probe
 
         if hasattr(self.engine, "probe"):  # a cluster: every worker at once
-            return self.engine.probe()
+            self.last_probe = self.engine.probe()
+            return self.last_probe
         samples = speed_probe(self.engine)
         self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
+        self.last_probe = samples
         return samples
 
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:

@@ -109,12 +109,15 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                     f"{title} only {len(measured)} of {cfg.live.repeats} live runs lost less than {limit:.0%} of their "
                     f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
             before = _probe_when_quiet(runner, cost_model, cfg.live, title, echo) if probe else None
+            before_steps = _probe_steps(runner, cost_model) if probe else None
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
             after = cost_model.speed_factor(runner.probe()) if probe else None
             steal = res.info.get("cpu_steal")
             counted = limit is None or steal is None or steal <= limit
             if probe:
                 res.info["speed_factor_before"], res.info["speed_factor_after"] = before, after
+                res.info["speed_probe_before"], res.info["speed_probe_after"] = before_steps, _probe_steps(runner,
+                                                                                                        cost_model)
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
@@ -136,6 +139,12 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     if "simulate" in cfg.sides:
         _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated")
     return doc
+
+
+def _probe_steps(runner, cost_model) -> list[dict[str, Any]]:
+    """Each step of the runner's latest speed probe: its label, measured median and profile time."""
+    return [{"label": s.label, "measured_s": s.median_seconds, "profile_s": cost_model.predict(s.batch)}
+            for s in getattr(runner, "last_probe", [])]
 
 
 def _probe_when_quiet(runner, cost_model, live_cfg, title: str, echo: Callable[[str], None],

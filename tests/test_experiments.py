@@ -153,6 +153,9 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     (overall,) = [c for c in done["step_check"] if c["kind"] == "all"]
     assert overall["num_steps"] == len(steps) and overall["measured_s"] == pytest.approx(steps["seconds"].sum())
     assert "own batches" in text
+    # the speed probes around the run are kept step by step
+    for key in ("speed_probe_before", "speed_probe_after"):
+        assert len(info[key]) == 4 and all(p["measured_s"] > 0 and p["profile_s"] > 0 for p in info[key])
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
