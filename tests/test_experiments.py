@@ -216,3 +216,10 @@ def test_the_step_check_prices_live_steps_by_kind():
     assert checks["prefill"].relative_error == pytest.approx(0.0, abs=1e-12)
     assert checks["all"].num_steps == 2
     assert model.batch_time(mixed) == pytest.approx(model.predict(mixed) * model.serving_factors["prefill"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_experiment_file_loads(path):
+    cfg = ExperimentConfig.from_yaml(path)
+    assert cfg.points and cfg.sides
