@@ -156,3 +156,14 @@ def test_calibrate_command_writes_a_profile_the_simulator_uses(tmp_path):
     })
     result = Simulation(cfg).run()
     assert result.summary["num_finished"] == 20 and result.info["cost_model"].startswith("profiled(")
+
+
+def test_fit_link_recovers_an_affine_link_and_falls_back_to_the_origin() -> None:
+    from sagellm.engine.kv_calibration import fit_link
+
+    sizes = [1e5, 1e6, 1e7, 1e8]
+    link = fit_link(sizes, [0.002 + x / 2e9 for x in sizes])
+    assert link["latency"] == pytest.approx(0.002) and link["bandwidth"] == pytest.approx(2e9)
+    # larger copies that are faster cannot be a link with positive bandwidth and latency
+    flat = fit_link([1e6, 2e6], [0.002, 0.001])
+    assert flat["latency"] == 0.0 and flat["bandwidth"] > 0

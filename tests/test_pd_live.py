@@ -101,3 +101,16 @@ def test_a_dead_decode_worker_fails_or_retries_its_requests_and_the_cluster_keep
         again = eng.generate_batch(_requests("after"))
         assert [o.token_ids for o in again] == reference
         assert eng.get_stats()["dead_workers"] == [2]
+
+
+def test_handoff_calibration_fits_each_granularity_and_a_serving_factor() -> None:
+    from sagellm.engine.pd_calibration import LINK_NAMES, measure_handoff_link
+
+    links = measure_handoff_link(_config(), repeats=1, prompt_lengths=(16, 48, 96), serving_requests=3)
+    assert set(links) == set(LINK_NAMES.values()) == {"hbm->peer", "hbm->peer_layer"}
+    block, layer = links["hbm->peer"], links["hbm->peer_layer"]
+    for link in (block, layer):
+        assert link["bandwidth"] > 0 and link["latency"] >= 0 and link["serving_factor"] > 0
+        assert link["samples"] == 3 and link["serving_samples"] == 3 and len(link["points"]) == 3
+    # layer-wise, only one layer's share of the KV crosses after the step
+    assert sum(x for x, _ in layer["points"]) < sum(x for x, _ in block["points"]) / 10

@@ -113,6 +113,9 @@ def test_layerwise_handoffs_use_their_own_link_when_the_profile_has_one() -> Non
     link = HandoffLink(model, "peer_layer")
     ready = [1.0 + 0.01 * (i + 1) for i in range(30)]
     assert link.finish_time(30 * 10**6, ready) == pytest.approx(ready[-1] + 10**6 / 0.5e9 + 0.004)
+    # a serving factor (hand-offs timed while both workers compute vs alone) scales the link
+    model.kv_links["hbm->peer_layer"]["serving_factor"] = 1.5
+    assert model.transfer_time(10**6, "hbm", "peer_layer") == pytest.approx(0.009)
     # a layer-wise simulation uses it
     sim = Simulation(_config({"mode": "strict"}, {"granularity": "layer"}), cost_model=model)
     assert all(isinstance(x, HandoffLink) and x.dst_tier == "peer_layer" for x in sim.strict.links)

@@ -66,12 +66,20 @@ def refill(transfers: KVTransferExecutor, tier: str, n: int) -> None:
 
 
 def fit_link(xs: list[float], ys: list[float]) -> dict[str, float]:
-    """Least squares seconds y = latency + bytes x / bandwidth, with latency >= 0."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    latency = my - slope * mx
+    """Least squares seconds y = latency + bytes x / bandwidth on relative error (each row scaled
+    by 1 / y, as the step-time fit is), so that sizes spanning orders of magnitude all count;
+    latency >= 0 (else a line through the origin)."""
+    ws = [1.0 / y for y in ys]
+    # weighted normal equations for y*w = latency*w + slope*x*w
+    s_ww = sum(w * w for w in ws)
+    s_wx = sum(w * w * x for w, x in zip(ws, xs))
+    s_xx = sum((w * x) ** 2 for w, x in zip(ws, xs))
+    s_wy = sum(w * w * y for w, y in zip(ws, ys))
+    s_xy = sum(w * w * x * y for w, x, y in zip(ws, xs, ys))
+    det = s_ww * s_xx - s_wx * s_wx
+    latency = (s_xx * s_wy - s_wx * s_xy) / det if det else -1.0
+    slope = (s_ww * s_xy - s_wx * s_wy) / det if det else 0.0
     if latency < 0 or slope <= 0:
         latency = 0.0
-        slope = sum(y for y in ys) / sum(xs)
+        slope = sum(w * w * x * y for w, x, y in zip(ws, xs, ys)) / s_xx
     return {"bandwidth": 1.0 / slope, "latency": latency}
-

@@ -13,10 +13,16 @@ granularity at a time, as an affine link latency + bytes / bandwidth, the form
 The two are fitted apart because they are not one link with one latency: a hand-off of many
 small messages pays a per-message cost (shared-memory segments, file descriptors passed between
 the processes) that one large message pays once.
+
+Then each granularity serves a short Poisson workload, and the hand-offs timed during it give
+the link's `serving_factor` (measured / fitted, summed): while both workers compute, the threads
+that move the KV share the cores with them, so a hand-off takes longer than one timed alone (the
+step-time profile has the same kind of factor, `ProfiledCostModel.serving_factors`).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 
 from sagellm.config import SageLLMConfig
@@ -27,11 +33,14 @@ LINK_NAMES = {"block": "hbm->peer", "layer": "hbm->peer_layer"}
 
 
 def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
-                         prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS) -> dict[str, dict[str, float]]:
+                         prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, serving_requests: int = 24
+                         ) -> dict[str, dict]:
     """{"hbm->peer": link, "hbm->peer_layer": link}, each {"bandwidth": bytes/s, "latency": s,
-    "samples": n, "points": [(bytes that cross after the step, median s), ...]}, of the hand-off
-    between two worker processes built from `config` (its thread count and dtype). Side effects:
-    runs two clusters."""
+    "serving_factor", "samples", "serving_samples", "points": [(bytes that cross after the step,
+    median s), ...]}, of the hand-off between two worker processes built from `config` (its
+    thread count and dtype), with `serving_requests` requests served per granularity for the
+    factor (0: factor 1). Side effects: runs two
+    clusters."""
     from sagellm.engine.cluster import ClusterEngine
     from sagellm.engine.types import GenerateRequest
 
@@ -42,6 +51,7 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
         by_size: dict[int, list[float]] = {}
         with ClusterEngine(cfg) as engine:
             layers = engine.workers[0].info["num_layers"]
+            share = 1.0 if granularity == "block" else 1.0 / layers
             for n in prompt_lengths:
                 for r in range(repeats + 1):
                     engine.generate(GenerateRequest(
@@ -49,8 +59,30 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
                         temperature=0.0, ignore_eos=True, request_id=f"pd-calib-{granularity}-{n}-{r}"))
                     if r:  # the first of each size warms the path up
                         by_size.setdefault(engine.handoff_bytes[-1], []).append(engine.handoff_seconds[-1])
-        share = 1.0 if granularity == "block" else 1.0 / layers
-        points = sorted((size * share, statistics.median(times)) for size, times in by_size.items())
-        link = fit_link([x for x, _ in points], [y for _, y in points])
-        links[name] = {**link, "samples": sum(len(t) for t in by_size.values()), "points": points}
+            points = sorted((size * share, statistics.median(times)) for size, times in by_size.items())
+            link = fit_link([x for x, _ in points], [y for _, y in points])
+            served = serve_and_time_handoffs(engine, granularity, serving_requests) if serving_requests else []
+        fitted = sum(link["latency"] + size * share / link["bandwidth"] for size, _ in served)
+        factor = sum(seconds for _, seconds in served) / fitted if served else 1.0
+        links[name] = {**link, "serving_factor": factor, "samples": sum(len(t) for t in by_size.values()),
+                       "serving_samples": len(served), "points": points}
     return links
+
+
+def serve_and_time_handoffs(engine, granularity: str, num_requests: int = 24, rate: float = 0.5,
+                            seed: int = 0) -> list[tuple[int, float]]:
+    """(bytes, seconds) of every hand-off while `engine` (a STRICT `ClusterEngine`) serves a short
+    Poisson workload (prompts 16-640 tokens, outputs 8-96), open loop."""
+    from sagellm.engine.replay import replay
+    from sagellm.engine.types import GenerateRequest
+
+    rng = random.Random(seed)
+    timed, t = [], 0.0
+    for k in range(num_requests):
+        t += rng.expovariate(rate)
+        ids = tuple(rng.randrange(1, 1000) for _ in range(rng.randint(16, 640)))
+        timed.append((t, GenerateRequest(prompt_token_ids=ids, max_new_tokens=rng.randint(8, 96), temperature=0.0,
+                                         ignore_eos=True, request_id=f"pd-calib-serve-{granularity}-{k}")))
+    before = len(engine.handoff_seconds)
+    replay(engine, timed)
+    return list(zip(engine.handoff_bytes[before:], engine.handoff_seconds[before:]))

@@ -145,7 +145,8 @@ class ProfiledCostModel:
     ("hbm->ddr", "nvme->hbm", ...) by timing the engine's own KV copies
     (`sagellm.engine.kv_calibration`), and the prefill-to-decode hand-off ("hbm->peer" block-wise,
     "hbm->peer_layer" per layer piece, `sagellm.engine.pd_calibration`; without the second, the
-    first); for a direction it lacks, `copy_bandwidth` and `copy_latency`.
+    first), times the link's `serving_factor` when it has one (hand-offs timed during serving vs
+    alone); for a direction it lacks, `copy_bandwidth` and `copy_latency`.
     """
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
@@ -222,7 +223,7 @@ class ProfiledCostModel:
             link = self.kv_links.get(f"{src_tier}->peer")  # a profile that timed one hand-off link
         if link is None:
             return self.copy_latency + num_bytes / self.copy_bandwidth
-        return link["latency"] + num_bytes / link["bandwidth"]
+        return (link["latency"] + num_bytes / link["bandwidth"]) * link.get("serving_factor", 1.0)
 
     # ---- fitting ---------------------------------------------------------------------------------
     @classmethod
