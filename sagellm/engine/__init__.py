@@ -6,7 +6,7 @@ from sagellm.config import SageLLMConfig
 from sagellm.core.pd import ScheduleMode
 from sagellm.engine.cluster import ClusterEngine
 from sagellm.engine.engine import SageLLMEngine, TokenStream
-from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StreamDelta
+from sagellm.engine.types import GenerateOutput, GenerateRequest, RequestMetrics, StepTiming, StreamDelta
 
 
 def create_engine(config: SageLLMConfig | None = None, num_replicas: int = 1,
@@ -19,5 +19,5 @@ def create_engine(config: SageLLMConfig | None = None, num_replicas: int = 1,
     return SageLLMEngine(config)
 
 
-__all__ = ["ClusterEngine", "GenerateOutput", "GenerateRequest", "RequestMetrics", "SageLLMEngine", "StreamDelta",
-           "TokenStream", "create_engine"]
+__all__ = ["ClusterEngine", "GenerateOutput", "GenerateRequest", "RequestMetrics", "SageLLMEngine", "StepTiming",
+           "StreamDelta", "TokenStream", "create_engine"]
