@@ -125,10 +125,11 @@ def cmd_pd_link(path: Path, config) -> int:
     threads = model.meta.get("threads")
     links = measure_handoff_link(config.replace(model={"dtype": model.dtype}, backend={"num_threads": threads}))
     for name, link in links.items():
-        model.kv_links[name] = {k: link[k] for k in ("bandwidth", "latency", "serving_factor")}
+        model.kv_links[name] = {k: link[k] for k in ("bandwidth", "latency", "serving_factor", "cpu_steal")}
+        steal = "" if link["cpu_steal"] is None else f"; {link['cpu_steal']:.1%} of the CPU stolen by other VMs"
         print(f"{name:16s} {link['bandwidth'] / 1e9:7.2f} GB/s  latency {link['latency'] * 1e6:8.1f} us "
               f"({link['samples']} hand-offs alone, {threads} thread(s) per worker), x {link['serving_factor']:.3f} "
-              f"while serving ({link['serving_samples']} hand-offs)")
+              f"while serving ({link['serving_samples']} hand-offs){steal}")
         for size, seconds in link["points"]:
             fitted = link["latency"] + size / link["bandwidth"]
             print(f"    {size / 1e6:8.3f} MB after the step: {seconds * 1e3:7.2f} ms measured (median), "

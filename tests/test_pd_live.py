@@ -112,5 +112,6 @@ def test_handoff_calibration_fits_each_granularity_and_a_serving_factor() -> Non
     for link in (block, layer):
         assert link["bandwidth"] > 0 and link["latency"] >= 0 and link["serving_factor"] > 0
         assert link["samples"] == 3 and link["serving_samples"] == 3 and len(link["points"]) == 3
+        assert link["cpu_steal"] is None or 0.0 <= link["cpu_steal"] <= 1.0
     # layer-wise, only one layer's share of the KV crosses after the step
     assert sum(x for x, _ in layer["points"]) < sum(x for x, _ in block["points"]) / 10

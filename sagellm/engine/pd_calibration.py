@@ -37,10 +37,11 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
                          ) -> dict[str, dict]:
     """{"hbm->peer": link, "hbm->peer_layer": link}, each {"bandwidth": bytes/s, "latency": s,
     "serving_factor", "samples", "serving_samples", "points": [(bytes that cross after the step,
-    median s), ...]}, of the hand-off between two worker processes built from `config` (its
-    thread count and dtype), with `serving_requests` requests served per granularity for the
-    factor (0: factor 1). Side effects: runs two
-    clusters."""
+    median s), ...], "cpu_steal": the share of the CPU other VMs took meanwhile, or None}, of the
+    hand-off between two worker processes built from `config` (its thread count and dtype), with
+    `serving_requests` requests served per granularity for the factor (0: factor 1). Side
+    effects: runs two clusters."""
+    from sagellm.backends.cpu_time import CpuTimes, steal_fraction
     from sagellm.engine.cluster import ClusterEngine
     from sagellm.engine.types import GenerateRequest
 
@@ -49,6 +50,7 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
         cfg = config.replace(scheduler={"mode": "strict", "inference_mode": "standard", "prefill_workers": 1,
                                         "decode_workers": 1}, kv_cache={"granularity": granularity})
         by_size: dict[int, list[float]] = {}
+        cpu_before = CpuTimes.read()
         with ClusterEngine(cfg) as engine:
             layers = engine.workers[0].info["num_layers"]
             share = 1.0 if granularity == "block" else 1.0 / layers
@@ -65,7 +67,8 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
         fitted = sum(link["latency"] + size * share / link["bandwidth"] for size, _ in served)
         factor = sum(seconds for _, seconds in served) / fitted if served else 1.0
         links[name] = {**link, "serving_factor": factor, "samples": sum(len(t) for t in by_size.values()),
-                       "serving_samples": len(served), "points": points}
+                       "serving_samples": len(served), "points": points,
+                       "cpu_steal": steal_fraction(cpu_before, CpuTimes.read())}
     return links
 
 
