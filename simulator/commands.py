@@ -146,11 +146,13 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
     import torch
     from tqdm import tqdm
 
+    from sagellm.backends.cpu_time import CpuTimes, steal_fraction
     from sagellm.engine import SageLLMEngine
     from sagellm.engine.calibration import default_grid, measure, measure_in_situ
     from simulator.cost.profiled import PROFILE_DIR, ProfiledCostModel, machine_identity, profile_id
 
     engine = SageLLMEngine(config).initialize()
+    cpu_before = CpuTimes.read()
     try:
         grid = default_grid(engine.kv_manager.capacity_tokens)
         if quick:
@@ -168,6 +170,8 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             "model_path": str(engine.model_path),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "repeats": repeats,
+            # the share of the CPU other VMs took while the grid and in-situ steps were timed
+            "cpu_steal": steal_fraction(cpu_before, CpuTimes.read()),
         }
         model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
                                                            [s.median_seconds for s in samples], meta=meta,

@@ -147,6 +147,7 @@ def test_calibrate_command_writes_a_profile_the_simulator_uses(tmp_path):
     (profile,) = tmp_path.glob("*.json")
     doc = json.loads(profile.read_text())
     assert doc["heldout"]["num_heldout"] >= 1 and doc["machine"]["cpu_count"] >= 1
+    assert doc["cpu_steal"] is None or 0.0 <= doc["cpu_steal"] <= 1.0
     rows = profile.with_suffix(".csv").read_text().splitlines()
     assert rows[0].startswith("label,num_tokens") and len(rows) > 10
     cfg = SimulationConfig.from_dict({
