@@ -62,11 +62,10 @@ class LiveRunner:
 
         if hasattr(self.engine, "probe"):  # a cluster: every worker at once
             self.last_probe = self.engine.probe()
-            return self.last_probe
-        samples = speed_probe(self.engine)
-        self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
-        self.last_probe = samples
-        return samples
+        else:
+            self.last_probe = speed_probe(self.engine)
+            self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
+        return self.last_probe
 
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:
         from sagellm.engine import GenerateRequest

@@ -116,8 +116,8 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             counted = limit is None or steal is None or steal <= limit
             if probe:
                 res.info["speed_factor_before"], res.info["speed_factor_after"] = before, after
-                res.info["speed_probe_before"], res.info["speed_probe_after"] = before_steps, _probe_steps(runner,
-                                                                                                        cost_model)
+                res.info["speed_probe_before"] = before_steps
+                res.info["speed_probe_after"] = _probe_steps(runner, cost_model)
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
@@ -144,7 +144,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
 def _probe_steps(runner, cost_model) -> list[dict[str, Any]]:
     """Each step of the runner's latest speed probe: its label, measured median and profile time."""
     return [{"label": s.label, "measured_s": s.median_seconds, "profile_s": cost_model.predict(s.batch)}
-            for s in getattr(runner, "last_probe", [])]
+            for s in runner.last_probe]
 
 
 def _probe_when_quiet(runner, cost_model, live_cfg, title: str, echo: Callable[[str], None],

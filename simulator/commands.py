@@ -118,6 +118,7 @@ def cmd_kv_links(path: Path, config) -> int:
 def cmd_pd_link(path: Path, config) -> int:
     """Time the live prefill-to-decode hand-off, block-wise and layer-wise, and store them as the
     profile's "hbm->peer" and "hbm->peer_layer" links."""
+    from sagellm.engine.kv_calibration import link_time
     from sagellm.engine.pd_calibration import measure_handoff_link
     from simulator.cost.profiled import ProfiledCostModel
 
@@ -131,9 +132,8 @@ def cmd_pd_link(path: Path, config) -> int:
               f"({link['samples']} hand-offs alone, {threads} thread(s) per worker), x {link['serving_factor']:.3f} "
               f"while serving ({link['serving_samples']} hand-offs){steal}")
         for size, seconds in link["points"]:
-            fitted = link["latency"] + size / link["bandwidth"]
             print(f"    {size / 1e6:8.3f} MB after the step: {seconds * 1e3:7.2f} ms measured (median), "
-                  f"{fitted * 1e3:7.2f} ms fitted")
+                  f"{link_time(link, size) * 1e3:7.2f} ms fitted")
     with path.with_suffix(".csv").open(newline="") as f:
         samples_csv = f.read()
     model.save(path, samples_csv)

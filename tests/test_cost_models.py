@@ -168,3 +168,16 @@ def test_fit_link_recovers_an_affine_link_and_falls_back_to_the_origin() -> None
     # larger copies that are faster cannot be a link with positive bandwidth and latency
     flat = fit_link([1e6, 2e6], [0.002, 0.001])
     assert flat["latency"] == 0.0 and flat["bandwidth"] > 0
+
+
+def test_the_calibration_workload_is_seeded_and_fits_the_context() -> None:
+    from sagellm.engine.calibration import poisson_requests
+
+    timed = poisson_requests(30, 2.0, 7, 1000, 200, "w")
+    assert timed == poisson_requests(30, 2.0, 7, 1000, 200, "w")
+    times = [t for t, _ in timed]
+    assert times == sorted(times) and times[0] > 0
+    for _, req in timed:
+        assert 8 <= req.max_new_tokens <= 96 and len(req.prompt_token_ids) + req.max_new_tokens < 200
+        assert req.ignore_eos and req.temperature == 0.0 and max(req.prompt_token_ids) < 1000
+    assert [r.request_id for _, r in timed[:2]] == ["w-0", "w-1"]

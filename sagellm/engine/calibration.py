@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.core.sampling import SamplingParams
@@ -159,6 +160,25 @@ def _output(chunks: Chunks, block_size: int, block_order: list[int], rng: random
     return SchedulerOutput(0, *[tuple(c) for c in cols])
 
 
+def poisson_requests(num_requests: int, rate: float, seed: int, vocab_size: int, max_model_len: int,
+                     id_prefix: str) -> list[tuple[float, Any]]:
+    """The calibrations' serving workload: (arrival s, `GenerateRequest`) with Poisson arrivals at
+    `rate`, random prompts of 16-640 tokens (capped to fit `max_model_len`) and 8-96 output tokens,
+    greedy with `ignore_eos`; ids `<id_prefix>-<k>`."""
+    from sagellm.engine.types import GenerateRequest
+
+    rng = random.Random(seed)
+    timed, t = [], 0.0
+    for k in range(num_requests):
+        t += rng.expovariate(rate)
+        out_len = rng.randint(8, 96)
+        prompt_len = max(1, min(rng.randint(16, 640), max_model_len - out_len - 1))
+        ids = tuple(rng.randrange(vocab_size) for _ in range(prompt_len))
+        timed.append((t, GenerateRequest(prompt_token_ids=ids, request_id=f"{id_prefix}-{k}", max_new_tokens=out_len,
+                                         temperature=0.0, ignore_eos=True)))
+    return timed
+
+
 def measure_in_situ(engine, num_requests: int = 48, rate: float = 1.2, seed: int = 0) -> list[CalibrationSample]:
     """Serve a short Poisson workload with the engine's own loop and record every step's batch and
     executor time (one sample per step, label "in situ").
@@ -168,18 +188,9 @@ def measure_in_situ(engine, num_requests: int = 48, rate: float = 1.2, seed: int
     runs the requests through the engine (ids "calib-live-*") with its step log on.
     """
     from sagellm.engine.replay import replay
-    from sagellm.engine.types import GenerateRequest
 
-    rng = random.Random(seed)
-    vocab, limit = engine.shape.vocab_size, engine.max_model_len
-    timed, t = [], 0.0
-    for k in range(num_requests):
-        t += rng.expovariate(rate)
-        out_len = rng.randint(8, 96)
-        prompt_len = max(1, min(rng.randint(16, 640), limit - out_len - 1))
-        ids = tuple(rng.randrange(vocab) for _ in range(prompt_len))
-        timed.append((t, GenerateRequest(prompt_token_ids=ids, request_id=f"calib-live-{k}", max_new_tokens=out_len,
-                                         temperature=0.0, ignore_eos=True)))
+    timed = poisson_requests(num_requests, rate, seed, engine.shape.vocab_size, engine.max_model_len,
+                             "calib-live")
     engine.start_step_log()
     try:
         replay(engine, timed)

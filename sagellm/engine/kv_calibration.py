@@ -77,9 +77,14 @@ def fit_link(xs: list[float], ys: list[float]) -> dict[str, float]:
     s_wy = sum(w * w * y for w, y in zip(ws, ys))
     s_xy = sum(w * w * x * y for w, x, y in zip(ws, xs, ys))
     det = s_ww * s_xx - s_wx * s_wx
-    latency = (s_xx * s_wy - s_wx * s_xy) / det if det else -1.0
-    slope = (s_ww * s_xy - s_wx * s_wy) / det if det else 0.0
-    if latency < 0 or slope <= 0:
-        latency = 0.0
-        slope = sum(w * w * x * y for w, x, y in zip(ws, xs, ys)) / s_xx
-    return {"bandwidth": 1.0 / slope, "latency": latency}
+    if det > 0:
+        latency = (s_xx * s_wy - s_wx * s_xy) / det
+        slope = (s_ww * s_xy - s_wx * s_wy) / det
+        if latency >= 0 and slope > 0:
+            return {"bandwidth": 1.0 / slope, "latency": latency}
+    return {"bandwidth": s_xx / s_xy, "latency": 0.0}
+
+
+def link_time(link: dict[str, float], num_bytes: float) -> float:
+    """Seconds a fitted link (`fit_link`) takes for `num_bytes`: latency + bytes / bandwidth."""
+    return link["latency"] + num_bytes / link["bandwidth"]

@@ -22,11 +22,10 @@ step-time profile has the same kind of factor, `ProfiledCostModel.serving_factor
 
 from __future__ import annotations
 
-import random
 import statistics
 
 from sagellm.config import SageLLMConfig
-from sagellm.engine.kv_calibration import fit_link
+from sagellm.engine.kv_calibration import fit_link, link_time
 
 PROMPT_LENGTHS = (16, 64, 160, 320, 640, 1200)
 LINK_NAMES = {"block": "hbm->peer", "layer": "hbm->peer_layer"}
@@ -64,7 +63,7 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
             points = sorted((size * share, statistics.median(times)) for size, times in by_size.items())
             link = fit_link([x for x, _ in points], [y for _, y in points])
             served = serve_and_time_handoffs(engine, granularity, serving_requests) if serving_requests else []
-        fitted = sum(link["latency"] + size * share / link["bandwidth"] for size, _ in served)
+        fitted = sum(link_time(link, size * share) for size, _ in served)
         factor = sum(seconds for _, seconds in served) / fitted if served else 1.0
         links[name] = {**link, "serving_factor": factor, "samples": sum(len(t) for t in by_size.values()),
                        "serving_samples": len(served), "points": points,
@@ -74,18 +73,13 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
 
 def serve_and_time_handoffs(engine, granularity: str, num_requests: int = 24, rate: float = 0.5,
                             seed: int = 0) -> list[tuple[int, float]]:
-    """(bytes, seconds) of every hand-off while `engine` (a STRICT `ClusterEngine`) serves a short
-    Poisson workload (prompts 16-640 tokens, outputs 8-96), open loop."""
+    """(bytes, seconds) of every hand-off while `engine` (a STRICT `ClusterEngine`) serves the
+    calibrations' short Poisson workload (`sagellm.engine.calibration.poisson_requests`), open loop."""
+    from sagellm.engine.calibration import poisson_requests
     from sagellm.engine.replay import replay
-    from sagellm.engine.types import GenerateRequest
 
-    rng = random.Random(seed)
-    timed, t = [], 0.0
-    for k in range(num_requests):
-        t += rng.expovariate(rate)
-        ids = tuple(rng.randrange(1, 1000) for _ in range(rng.randint(16, 640)))
-        timed.append((t, GenerateRequest(prompt_token_ids=ids, max_new_tokens=rng.randint(8, 96), temperature=0.0,
-                                         ignore_eos=True, request_id=f"pd-calib-serve-{granularity}-{k}")))
+    timed = poisson_requests(num_requests, rate, seed, engine.vocab_size, engine.workers[0].info["max_model_len"],
+                             f"pd-calib-serve-{granularity}")
     before = len(engine.handoff_seconds)
     replay(engine, timed)
     return list(zip(engine.handoff_bytes[before:], engine.handoff_seconds[before:]))
