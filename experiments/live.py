@@ -16,8 +16,8 @@ from simulator.workloads import TraceRequest, prompt_token_ids
 @dataclass
 class LiveResult:
     """Per-request records (times from the run's start), all inter-token latencies, the summary,
-    and, for an in-process engine, every step's batch shape and seconds (`sagellm.engine.StepTiming`
-    with `end_time` from the run's start)."""
+    and every step's batch shape, seconds and worker (`sagellm.engine.StepTiming` with `end_time`
+    from the run's start; a cluster's steps come from all its workers)."""
 
     records: list[RequestRecord]
     inter_token_latencies: Any
@@ -82,14 +82,12 @@ class LiveRunner:
         self.engine.reset_prefix_cache()  # each run starts cold: no KV left from warm-up or earlier runs
         handoffs_before = len(getattr(self.engine, "handoff_seconds", ()))
         busy_before = _busy(self.engine.get_stats())
-        log_steps = hasattr(self.engine, "start_step_log")  # a cluster's workers keep no step log
-        if log_steps:
-            self.engine.start_step_log()
+        self.engine.start_step_log()
         cpu_before = CpuTimes.read()
         try:
             outputs, start = replay(self.engine, timed, timeout_s)
         finally:
-            steps = self.engine.take_step_log() if log_steps else []
+            steps = self.engine.take_step_log()
         steal = steal_fraction(cpu_before, CpuTimes.read())
         bad = [o for o in outputs if o.finish_reason in ("error", "abort")]
         if bad:

@@ -7,7 +7,7 @@ results/<name>/<UTC time>/
   fidelity.csv            one row per point and metric: predicted, measured (median), spread, error
   points/<point>/simulate/{requests.parquet, summary.json, kv_usage.csv}
   points/<point>/live-<r>/{requests.parquet, summary.json, steps.parquet}
-                             steps: every engine step's batch shape, seconds and end time (in-process engines)
+                             steps: every engine step's batch shape, seconds, end time and worker
   points/<point>/done.json   written last: the point is complete (a resumed run skips it)
   plots/*.png
 ```
@@ -33,7 +33,8 @@ def write_side(directory: Path, records: list[RequestRecord], summary: dict[str,
     frame = pd.DataFrame([r.to_dict() for r in records], columns=list(RECORD_COLUMNS))
     frame.to_parquet(directory / "requests.parquet", index=False)
     if steps:
-        pd.DataFrame([{**asdict(s.batch), "seconds": s.seconds, "end_time": s.end_time} for s in steps]
+        pd.DataFrame([{**asdict(s.batch), "seconds": s.seconds, "end_time": s.end_time,
+                       "worker": s.worker} for s in steps]
                      ).to_parquet(directory / "steps.parquet", index=False)
     write_summary(directory, summary, info)
     if kv_usage is not None:

@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only time the engine's KV copies between tiers and store them in this profile")
     c.add_argument("--pd-link", metavar="PROFILE.json",
                    help="only time the prefill-to-decode KV hand-off between two worker processes and store it")
+    c.add_argument("--in-situ", metavar="PROFILE.json",
+                   help="only time serving steps again (the serving factors) and refit this profile")
+    c.add_argument("--in-situ-replicas", type=int, default=1, metavar="N",
+                   help="serve the in-situ steps on N engines at once, as a cluster of N workers competes for "
+                        "the cores (e.g. 2 for a one-thread profile used by two-worker clusters); default 1")
+    c.add_argument("--in-situ-requests", type=int, default=48, metavar="N",
+                   help="requests of the in-situ serving run (Poisson at 1.2 req/s); default 48")
     c.add_argument("--output-dir", help="where to write the profile (default simulator/hardware/profiles)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--refit", metavar="PROFILE.json", help="fit an existing profile again from its samples (no timing)")

@@ -45,30 +45,106 @@ def _factors(model) -> str:
     return f"{kinds} (all steps {model.serving_factor:.3f})"
 
 
-def cmd_refit(path: Path) -> int:
-    """Fit a profile again from its saved samples (for example after the model form changed)."""
+def _read_samples(path: Path) -> list:
+    """The calibration samples saved beside a profile (`<profile>.csv`)."""
     from sagellm.engine.calibration import CalibrationSample
     from sagellm.graph import BatchShape
-    from simulator.cost.profiled import ProfiledCostModel, read_profile
 
-    shape, dtype, doc = read_profile(path)
     with open(path.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     fields = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
-    samples = [CalibrationSample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
-                       float(r["min_s"]), float(r["max_s"]), int(r["repeats"])) for r in rows]
+    return [CalibrationSample(r["label"], BatchShape(*(int(r[k]) for k in fields)), float(r["median_s"]),
+                              float(r["min_s"]), float(r["max_s"]), int(r["repeats"])) for r in rows]
+
+
+def _refit(path: Path, samples: list, extra_meta: dict | None = None):
+    """Fit the profile at `path` again on `samples` (keeping its identity, links and copy costs) and
+    save it with them. Returns (model, report)."""
+    from simulator.cost.profiled import ProfiledCostModel, read_profile
+
+    shape, dtype, doc = read_profile(path)
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
-                                                         "repeats", "kv_links")}
+                                                  "repeats", "cpu_steal", "in_situ", "kv_links")}
+    meta.update(extra_meta or {})
     model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
                                                        [s.median_seconds for s in samples], meta=meta,
-                                                       in_situ=[s.label == "in situ" for s in samples])
+                                                       in_situ=[s.label == "in situ" for s in samples],
+                                                       probe=[s.label.startswith(PROBE_LABEL) for s in samples])
     model.copy_bandwidth = doc.get("copy_bandwidth", model.copy_bandwidth)
     model.copy_latency = doc.get("copy_latency", model.copy_latency)
     model.meta["heldout"] = report.__dict__
     model.save(path, _samples_csv(samples, model))
+    return model, report
+
+
+def cmd_refit(path: Path) -> int:
+    """Fit a profile again from its saved samples (for example after the model form changed)."""
+    samples = _read_samples(path)
+    model, report = _refit(path, samples)
     print(f"refitted {path.name} on {len(samples)} samples: held-out grid shapes median {report.median_error:.1%}, "
           f"p90 {report.p90_error:.1%}, max {report.max_error:.1%}; in-situ serving steps median "
           f"{report.in_situ_median_error:.1%}; serving factors {_factors(model)}")
+    return 0
+
+
+PROBE_LABEL = "probe: "  # a speed-probe shape timed around the in-situ steps (never fitted)
+
+
+def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests: int = 48) -> tuple[list, dict]:
+    """Steps of live serving for the serving factors (`measure_in_situ`, `num_requests` requests),
+    with the speed probe timed before and after them (labelled `PROBE_LABEL` + shape). They run on
+    `engine` when given (one in-process engine), else on `replicas` engines built from
+    `engine_config` (a `ClusterEngine` when more than one, so that they compete for the cores as a
+    cluster's workers do). Returns (samples, meta: replicas, CPU stolen by other VMs, time)."""
+    from dataclasses import replace
+
+    from sagellm.backends.cpu_time import CpuTimes, steal_fraction
+    from sagellm.engine import ClusterEngine, SageLLMEngine
+    from sagellm.engine.calibration import measure_in_situ, speed_probe
+
+    if replicas <= 0:
+        raise ValueError(f"in-situ replicas: must be >= 1, got {replicas}")
+    own = engine is None
+    if own:
+        engine = (SageLLMEngine(engine_config) if replicas == 1
+                  else ClusterEngine(engine_config, num_replicas=replicas)).initialize()
+
+    def probe() -> list:
+        samples = engine.probe() if isinstance(engine, ClusterEngine) else speed_probe(engine)
+        engine.reset_prefix_cache()
+        return [replace(s, label=PROBE_LABEL + s.label) for s in samples]
+
+    try:
+        cpu_before = CpuTimes.read()
+        samples = probe()
+        samples += measure_in_situ(engine, num_requests=num_requests)
+        samples += probe()
+        meta = {"replicas": replicas, "requests": num_requests,
+                "cpu_steal": steal_fraction(cpu_before, CpuTimes.read()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    finally:
+        if own:
+            engine.shutdown()
+    return samples, meta
+
+
+def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48) -> int:
+    """Time the serving steps again (replacing the profile's in-situ samples) and refit its serving
+    factors; the grid samples stay."""
+    from simulator.cost.profiled import ProfiledCostModel
+
+    old = ProfiledCostModel.load(path)
+    engine_config = config.replace(model={"dtype": old.dtype}, backend={"num_threads": old.meta.get("threads")})
+    fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests)
+    samples = [s for s in _read_samples(path) if s.label != "in situ" and not s.label.startswith(PROBE_LABEL)] + fresh
+    model, report = _refit(path, samples, {"in_situ": meta})
+    steal = "" if meta["cpu_steal"] is None else f", {meta['cpu_steal']:.1%} of the CPU stolen by other VMs"
+    steps = sum(s.label == "in situ" for s in fresh)
+    print(f"{steps} in-situ steps on {replicas} replica(s) of {old.meta.get('threads')} thread(s){steal}; "
+          f"median error {report.in_situ_median_error:.1%}; the machine ran at "
+          f"{model.meta['in_situ_probe_speed']:.3f}x the profile's time on the speed probe around them")
+    print(f"serving factors {_factors(old)} -> {_factors(model)}")
+    print(f"profile: {path}")
     return 0
 
 
@@ -79,7 +155,11 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
         return cmd_kv_links(Path(args.kv_links), config)
     if args.pd_link:
         return cmd_pd_link(Path(args.pd_link), config)
+    if args.in_situ:
+        return cmd_in_situ(Path(args.in_situ), config, args.in_situ_replicas, args.in_situ_requests)
     path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
+                                       in_situ_replicas=args.in_situ_replicas,
+                                       in_situ_requests=args.in_situ_requests,
                                        output_dir=Path(args.output_dir) if args.output_dir else None,
                                        progress=not args.quiet)
     meta = model.meta
@@ -141,14 +221,16 @@ def cmd_pd_link(path: Path, config) -> int:
     return 0
 
 
-def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | None = None, progress: bool = True):
-    """Time the live engine on the calibration grid, fit, save. Returns (json path, model, report, samples)."""
+def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | None = None, progress: bool = True,
+              in_situ_replicas: int = 1, in_situ_requests: int = 48):
+    """Time the live engine on the calibration grid and serving steps (on `in_situ_replicas`
+    engines at once), fit, save. Returns (json path, model, report, number of samples)."""
     import torch
     from tqdm import tqdm
 
     from sagellm.backends.cpu_time import CpuTimes, steal_fraction
     from sagellm.engine import SageLLMEngine
-    from sagellm.engine.calibration import default_grid, measure, measure_in_situ
+    from sagellm.engine.calibration import default_grid, measure
     from simulator.cost.profiled import PROFILE_DIR, ProfiledCostModel, machine_identity, profile_id
 
     engine = SageLLMEngine(config).initialize()
@@ -159,8 +241,11 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             grid = grid[::3]
         with tqdm(total=(repeats + 2) * len(grid), desc="calibrating", unit="step", disable=not progress) as bar:
             samples = measure(engine, grid, repeats=repeats, progress=lambda d, t: bar.update(d - bar.n))
+        in_situ = None
         if not quick:
-            samples += measure_in_situ(engine)
+            fresh, in_situ = in_situ_samples(config, in_situ_replicas, engine if in_situ_replicas == 1 else None,
+                                             in_situ_requests)
+            samples += fresh
         shape, dtype = engine.shape, config.model.dtype
         meta = {
             "id": profile_id(shape, dtype, threads=torch.get_num_threads()),
@@ -173,9 +258,12 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
             # the share of the CPU other VMs took while the grid and in-situ steps were timed
             "cpu_steal": steal_fraction(cpu_before, CpuTimes.read()),
         }
+        if in_situ is not None:
+            meta["in_situ"] = in_situ
         model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
                                                            [s.median_seconds for s in samples], meta=meta,
-                                                           in_situ=[s.label == "in situ" for s in samples])
+                                                           in_situ=[s.label == "in situ" for s in samples],
+                                                           probe=[s.label.startswith(PROBE_LABEL) for s in samples])
         model.meta["heldout"] = report.__dict__
         from sagellm.engine.kv_calibration import measure_kv_links
 

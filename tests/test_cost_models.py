@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 
@@ -127,6 +128,35 @@ def test_serving_factors_are_fitted_per_step_kind_and_scale_together(tmp_path):
     assert few.serving_factors["prefill"] == few.serving_factor != few.serving_factors["decode"]
 
 
+def test_serving_factors_are_relative_to_the_speed_probe_timed_around_the_serving_steps():
+    """The machine ran 1.25x slower while the serving steps were timed than while the grid was: the
+    probe timed around them shows it, and the serving factors keep only the serving loop's own cost
+    (here 1.04 for both kinds). The probe samples are never fitted."""
+    rng = random.Random(5)
+    truth = _truth()
+    grid = _batches(rng, 80)
+    steps = [BatchShape.from_chunks([(rng.randint(20, 900), 1) for _ in range(rng.randint(1, 40))])
+             for _ in range(30)] + [BatchShape.from_chunks([(0, rng.randint(16, 400)), (300, 1)]) for _ in range(25)]
+    probe = [BatchShape.from_chunks([(0, 256)]), BatchShape.from_chunks([(240, 1)] * 4)]
+    batches = grid + steps + probe
+    seconds = ([truth.predict(b) for b in grid] + [1.25 * 1.04 * truth.predict(b) for b in steps]
+               + [1.25 * truth.predict(b) for b in probe])
+    flags = [False] * len(grid) + [True] * len(steps) + [False] * len(probe)
+    is_probe = [False] * (len(grid) + len(steps)) + [True] * len(probe)
+    model, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds, in_situ=flags, probe=is_probe)
+    # (within the fit's own error on these shapes, about 1%)
+    assert model.meta["in_situ_probe_speed"] == pytest.approx(1.25, rel=0.015)
+    assert model.serving_factors["decode"] == pytest.approx(1.04, rel=0.015)
+    assert model.serving_factors["prefill"] == pytest.approx(1.04, rel=0.015)
+    # without the probe, the machine's slowdown would count as serving cost
+    unaware, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches[:-2], seconds[:-2], in_situ=flags[:-2])
+    assert unaware.serving_factors["decode"] == pytest.approx(1.3, rel=0.015)
+    # probe samples far off the model do not move the fit: they are not fitted
+    skewed = seconds[:-2] + [50 * s for s in seconds[-2:]]
+    far, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, skewed, in_situ=flags, probe=is_probe)
+    assert far.coefficients == pytest.approx(model.coefficients, rel=1e-9)
+
+
 def test_features_follow_the_graph():
     decode = BatchShape.from_chunks([(100, 1)])
     two = BatchShape.from_chunks([(100, 1), (100, 1)])
@@ -157,6 +187,22 @@ def test_calibrate_command_writes_a_profile_the_simulator_uses(tmp_path):
     })
     result = Simulation(cfg).run()
     assert result.summary["num_finished"] == 20 and result.info["cost_model"].startswith("profiled(")
+
+    # Serving steps timed again on a two-worker cluster, with the speed probe around them.
+    assert main(["calibrate", "--in-situ", str(profile), "--in-situ-replicas", "2", "--in-situ-requests", "6"]) == 0
+    doc = json.loads(profile.read_text())
+    assert doc["in_situ"]["replicas"] == 2 and doc["in_situ"]["requests"] == 6
+    with profile.with_suffix(".csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    situ = [r for r in rows if r["label"] == "in situ"]
+    probe = [r for r in rows if r["label"].startswith("probe: ")]
+    assert situ and len(probe) >= 4 and len(rows) > len(situ) + len(probe) > 10  # the grid samples stay
+
+    def ratio(rs):
+        return sum(float(r["median_s"]) for r in rs) / sum(float(r["predicted_s"]) for r in rs)
+
+    assert doc["in_situ_probe_speed"] == pytest.approx(ratio(probe), rel=1e-4)
+    assert doc["serving_factor"] == pytest.approx(ratio(situ) / ratio(probe), rel=1e-4)
 
 
 def test_fit_link_recovers_an_affine_link_and_falls_back_to_the_origin() -> None:

@@ -47,10 +47,21 @@ def reference() -> list[tuple[int, ...]]:
 def test_greedy_outputs_equal_hybrid(reference, scheduler: dict, kv_cache: dict) -> None:
     cfg = _config(scheduler=scheduler, kv_cache=kv_cache)
     with ClusterEngine(cfg) as eng:
+        eng.start_step_log()
         outputs = eng.generate_batch(_requests("m"))
+        steps = eng.take_step_log()
         assert [o.finish_reason for o in outputs] == ["length"] * len(PROMPTS), [o.error for o in outputs]
         assert [o.token_ids for o in outputs] == reference
         stats = eng.get_stats()
+    # every worker's steps come back, tagged with the worker, in the order they ended
+    assert [s.end_time for s in steps] == sorted(s.end_time for s in steps)
+    assert {s.worker for s in steps} == set(range(len(stats["workers"])))
+    for index, w in enumerate(stats["workers"]):
+        assert sum(s.seconds for s in steps if s.worker == index) == pytest.approx(w["busy_s"], rel=1e-6)
+    if cfg.scheduler.schedule_mode.value == "strict":
+        n_prefill = cfg.scheduler.prefill_workers
+        assert sum(s.batch.num_tokens for s in steps if s.worker < n_prefill) == sum(map(len, PROMPTS))
+        assert sum(s.batch.num_tokens for s in steps if s.worker >= n_prefill) == 9 * len(PROMPTS)
     roles = [(w["schedule_mode"], w["role"]) for w in stats["workers"]]
     if cfg.scheduler.schedule_mode.value == "time_share":
         assert roles == [("time_share", "standard")]
@@ -115,3 +126,19 @@ def test_handoff_calibration_fits_each_granularity_and_a_serving_factor() -> Non
         assert link["cpu_steal"] is None or 0.0 <= link["cpu_steal"] <= 1.0
     # layer-wise, only one layer's share of the KV crosses after the step
     assert sum(x for x, _ in layer["points"]) < sum(x for x, _ in block["points"]) / 10
+
+
+def test_in_situ_calibration_on_a_cluster_times_the_steps_of_both_workers() -> None:
+    from sagellm.engine.calibration import measure_in_situ, poisson_requests
+
+    with ClusterEngine(_config(), num_replicas=2) as eng:
+        samples = measure_in_situ(eng, num_requests=6, rate=20.0, seed=3)
+        stats = eng.get_stats()
+    timed = poisson_requests(6, 20.0, 3, eng.vocab_size, eng.max_model_len, "x")
+    # each prompt token is computed once and each output token but the last is fed back once
+    assert sum(s.batch.num_tokens for s in samples) == sum(
+        len(r.prompt_token_ids) + r.max_new_tokens - 1 for _, r in timed)
+    assert {s.label for s in samples} == {"in situ"}
+    assert sum(s.median_seconds for s in samples) == pytest.approx(sum(w["busy_s"] for w in stats["workers"]),
+                                                                   rel=1e-6)
+    assert all(w["busy_s"] > 0 for w in stats["workers"])  # both replicas served

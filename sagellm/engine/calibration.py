@@ -184,13 +184,14 @@ def measure_in_situ(engine, num_requests: int = 48, rate: float = 1.2, seed: int
     executor time (one sample per step, label "in situ").
 
     Grid samples time each shape in isolation; these are the steps of real serving, with the
-    scheduler, the asyncio front end and the other requests' state around them. Side effects:
-    runs the requests through the engine (ids "calib-live-*") with its step log on.
+    scheduler, the asyncio front end and the other requests' state around them. `engine` is a
+    `SageLLMEngine` or a `ClusterEngine` (then the steps of every worker, which compete for the
+    machine's cores as they do when a cluster serves). Side effects: runs the requests through the
+    engine (ids "calib-live-*") with its step log on.
     """
     from sagellm.engine.replay import replay
 
-    timed = poisson_requests(num_requests, rate, seed, engine.shape.vocab_size, engine.max_model_len,
-                             "calib-live")
+    timed = poisson_requests(num_requests, rate, seed, engine.vocab_size, engine.max_model_len, "calib-live")
     engine.start_step_log()
     try:
         replay(engine, timed)

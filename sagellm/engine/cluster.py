@@ -21,7 +21,14 @@ from sagellm.config import SageLLMConfig
 from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
 from sagellm.core.router import make_router
 from sagellm.engine.cluster_worker import worker_main
-from sagellm.engine.types import GenerateOutput, GenerateRequest, coerce_request, collect_outputs, rejected_output
+from sagellm.engine.types import (
+    GenerateOutput,
+    GenerateRequest,
+    StepTiming,
+    coerce_request,
+    collect_outputs,
+    rejected_output,
+)
 from sagellm.metrics import handoff_summary
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,7 @@ class ClusterEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.vocab_size = 0
+        self.max_model_len = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> ClusterEngine:
@@ -113,6 +121,7 @@ class ClusterEngine:
             self._kill_all()
             raise
         self.vocab_size = self.workers[0].info["vocab_size"]
+        self.max_model_len = min(w.info["max_model_len"] for w in self.workers)
         self._thread = threading.Thread(target=self._run, name="sagellm-cluster", daemon=True)
         self._thread.start()
         return self
@@ -203,6 +212,16 @@ class ClusterEngine:
     def probe(self) -> list:
         """The speed probe (`sagellm.engine.calibration.speed_probe`) on every live worker at once."""
         return [s for samples in self._broadcast("probe", timeout=600.0) for s in samples]
+
+    def start_step_log(self) -> None:
+        """Every live worker records its following steps (`SageLLMEngine.start_step_log`)."""
+        self._broadcast("start_step_log")
+
+    def take_step_log(self) -> list[StepTiming]:
+        """The steps every live worker recorded since `start_step_log`, each tagged with its worker
+        index, in order of their end times; the workers stop recording."""
+        steps = [s for log in self._broadcast("take_step_log") for s in log]
+        return sorted(steps, key=lambda s: s.end_time)
 
     def get_stats(self) -> dict[str, Any]:
         workers = self._broadcast("stats")

@@ -1,8 +1,8 @@
 """One worker process of a `ClusterEngine`: a `SageLLMEngine` in one role, driven over queues.
 
 Commands in (a queue per worker): ("add", GenerateRequest, decode worker or None), ("probe",),
-("reset_cache",), ("stats",), ("decode_dead", index), ("redirect", request id, decode worker),
-("stop",). Events out (one queue shared by
+("reset_cache",), ("stats",), ("start_step_log",), ("take_step_log",), ("decode_dead", index),
+("redirect", request id, decode worker), ("stop",). Events out (one queue shared by
 all workers): ("ready", worker, info), ("done", worker, GenerateOutput) - a prefill worker's
 output with finish_reason "prefilled" means the request continues on its decode worker -,
 ("handoff", worker, request id, seconds, bytes), ("reply", worker, kind, value), ("fatal", worker, message).
@@ -10,6 +10,7 @@ output with finish_reason "prefilled" means the request continues on its decode 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import traceback
@@ -105,3 +106,9 @@ def _serve(index: int, engine: Any, sender: Any, commands: Any, events: Any) -> 
             events.put(("reply", index, "reset_cache", True))
         elif kind == "stats":
             events.put(("reply", index, "stats", engine.get_stats()))
+        elif kind == "start_step_log":
+            engine.start_step_log()
+            events.put(("reply", index, "start_step_log", True))
+        elif kind == "take_step_log":
+            events.put(("reply", index, "take_step_log",
+                        [dataclasses.replace(s, worker=index) for s in engine.take_step_log()]))

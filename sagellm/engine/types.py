@@ -17,11 +17,14 @@ from sagellm.metrics.records import RequestRecord
 @dataclass(frozen=True)
 class StepTiming:
     """One step of the engine loop as `SageLLMEngine.start_step_log` records it: the batch's
-    shape, the executor's wall seconds for it, and the monotonic time it ended."""
+    shape, the executor's wall seconds for it, the monotonic time it ended (`time.monotonic`, one
+    clock for every process on the machine), and the worker that ran it (0 for an in-process
+    engine; the worker index in a `ClusterEngine`)."""
 
     batch: BatchShape
     seconds: float
     end_time: float
+    worker: int = 0
 
 
 @dataclass(frozen=True)

@@ -245,13 +245,20 @@ class ProfiledCostModel:
     @classmethod
     def fit_with_holdout(cls, shape: ModelShape, dtype: str, batches: list[BatchShape], seconds: list[float],
                          heldout_fraction: float = 0.25, seed: int = 0, meta: dict[str, Any] | None = None,
-                         in_situ: list[bool] | None = None) -> tuple[ProfiledCostModel, FitReport]:
+                         in_situ: list[bool] | None = None, probe: list[bool] | None = None
+                         ) -> tuple[ProfiledCostModel, FitReport]:
         """Fit on a random (seeded) part of the grid samples, report errors on the rest, then refit on
         every grid sample. `in_situ` marks single steps timed during live serving: they are never
-        fitted, only used to check the model on real serving steps (reported separately)."""
+        fitted, only used to check the model on real serving steps (reported separately) and for the
+        serving factors. `probe` marks speed-probe shapes timed around those serving steps (never
+        fitted): the serving factors are then taken relative to the probe's speed at that time,
+        as experiments scale the model by the probe's speed at theirs, so that the machine's drift
+        between the grid and the serving steps does not enter the factors."""
         flags = in_situ or [False] * len(batches)
-        grid_idx = [i for i in range(len(batches)) if not flags[i]]
+        probes = probe or [False] * len(batches)
+        grid_idx = [i for i in range(len(batches)) if not flags[i] and not probes[i]]
         situ_idx = [i for i in range(len(batches)) if flags[i]]
+        probe_idx = [i for i in range(len(batches)) if probes[i]]
         idx = list(grid_idx)
         random.Random(seed).shuffle(idx)
         k = max(1, round(len(idx) * heldout_fraction))
@@ -270,11 +277,13 @@ class ProfiledCostModel:
             def factor(which: list[int]) -> float:
                 return sum(seconds[i] for i in which) / sum(final.predict(batches[i]) for i in which)
 
-            final.serving_factor = factor(situ_idx)
+            speed = factor(probe_idx) if probe_idx else 1.0
+            final.meta["in_situ_probe_speed"] = speed
+            final.serving_factor = factor(situ_idx) / speed
             for kind in SERVING_KINDS:
                 of_kind = [i for i in situ_idx if serving_kind(batches[i].num_seqs, batches[i].num_decodes) == kind]
                 enough = len(of_kind) >= MIN_KIND_STEPS
-                final.serving_factors[kind] = factor(of_kind) if enough else final.serving_factor
+                final.serving_factors[kind] = factor(of_kind) / speed if enough else final.serving_factor
         return final, report
 
     # ---- files -----------------------------------------------------------------------------------
