@@ -90,9 +90,11 @@ def cmd_refit(path: Path) -> int:
 PROBE_LABEL = "probe: "  # a speed-probe shape timed around the in-situ steps (never fitted)
 
 
-def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests: int = 48) -> tuple[list, dict]:
-    """Steps of live serving for the serving factors (`measure_in_situ`, `num_requests` requests),
-    with the speed probe timed before and after them (labelled `PROBE_LABEL` + shape). They run on
+def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests: int = 48,
+                    runs: int = 1) -> tuple[list, dict]:
+    """Steps of live serving for the serving factors (`measure_in_situ`, `num_requests` requests,
+    `runs` times with different seeds), each run with the speed probe timed before and after it
+    (labelled `PROBE_LABEL` + shape). They run on
     `engine` when given (one in-process engine), else on `replicas` engines built from
     `engine_config` (a `ClusterEngine` when more than one, so that they compete for the cores as a
     cluster's workers do). Returns (samples, meta: replicas, CPU stolen by other VMs, time)."""
@@ -104,6 +106,8 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
 
     if replicas <= 0:
         raise ValueError(f"in-situ replicas: must be >= 1, got {replicas}")
+    if runs <= 0:
+        raise ValueError(f"in-situ runs: must be >= 1, got {runs}")
     own = engine is None
     if own:
         engine = (SageLLMEngine(engine_config) if replicas == 1
@@ -116,10 +120,12 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
 
     try:
         cpu_before = CpuTimes.read()
-        samples = probe()
-        samples += measure_in_situ(engine, num_requests=num_requests)
-        samples += probe()
-        meta = {"replicas": replicas, "requests": num_requests,
+        samples = []
+        for run in range(runs):
+            samples += probe()
+            samples += measure_in_situ(engine, num_requests=num_requests, seed=run)
+            samples += probe()
+        meta = {"replicas": replicas, "requests": num_requests, "runs": runs,
                 "cpu_steal": steal_fraction(cpu_before, CpuTimes.read()),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
@@ -128,19 +134,20 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
     return samples, meta
 
 
-def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48) -> int:
+def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48, runs: int = 1) -> int:
     """Time the serving steps again (replacing the profile's in-situ samples) and refit its serving
     factors; the grid samples stay."""
     from simulator.cost.profiled import ProfiledCostModel
 
     old = ProfiledCostModel.load(path)
     engine_config = config.replace(model={"dtype": old.dtype}, backend={"num_threads": old.meta.get("threads")})
-    fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests)
+    fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests, runs=runs)
     samples = [s for s in _read_samples(path) if s.label != "in situ" and not s.label.startswith(PROBE_LABEL)] + fresh
     model, report = _refit(path, samples, {"in_situ": meta})
     steal = "" if meta["cpu_steal"] is None else f", {meta['cpu_steal']:.1%} of the CPU stolen by other VMs"
     steps = sum(s.label == "in situ" for s in fresh)
-    print(f"{steps} in-situ steps on {replicas} replica(s) of {old.meta.get('threads')} thread(s){steal}; "
+    print(f"{steps} in-situ steps in {runs} run(s) on {replicas} replica(s) of {old.meta.get('threads')} "
+          f"thread(s){steal}; "
           f"median error {report.in_situ_median_error:.1%}; the machine ran at "
           f"{model.meta['in_situ_probe_speed']:.3f}x the profile's time on the speed probe around them")
     print(f"serving factors {_factors(old)} -> {_factors(model)}")
@@ -156,10 +163,11 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
     if args.pd_link:
         return cmd_pd_link(Path(args.pd_link), config)
     if args.in_situ:
-        return cmd_in_situ(Path(args.in_situ), config, args.in_situ_replicas, args.in_situ_requests)
+        return cmd_in_situ(Path(args.in_situ), config, args.in_situ_replicas, args.in_situ_requests,
+                           args.in_situ_runs)
     path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
                                        in_situ_replicas=args.in_situ_replicas,
-                                       in_situ_requests=args.in_situ_requests,
+                                       in_situ_requests=args.in_situ_requests, in_situ_runs=args.in_situ_runs,
                                        output_dir=Path(args.output_dir) if args.output_dir else None,
                                        progress=not args.quiet)
     meta = model.meta
@@ -222,7 +230,7 @@ def cmd_pd_link(path: Path, config) -> int:
 
 
 def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | None = None, progress: bool = True,
-              in_situ_replicas: int = 1, in_situ_requests: int = 48):
+              in_situ_replicas: int = 1, in_situ_requests: int = 48, in_situ_runs: int = 1):
     """Time the live engine on the calibration grid and serving steps (on `in_situ_replicas`
     engines at once), fit, save. Returns (json path, model, report, number of samples)."""
     import torch
@@ -244,7 +252,7 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
         in_situ = None
         if not quick:
             fresh, in_situ = in_situ_samples(config, in_situ_replicas, engine if in_situ_replicas == 1 else None,
-                                             in_situ_requests)
+                                             in_situ_requests, in_situ_runs)
             samples += fresh
         shape, dtype = engine.shape, config.model.dtype
         meta = {

@@ -189,14 +189,15 @@ def test_calibrate_command_writes_a_profile_the_simulator_uses(tmp_path):
     assert result.summary["num_finished"] == 20 and result.info["cost_model"].startswith("profiled(")
 
     # Serving steps timed again on a two-worker cluster, with the speed probe around them.
-    assert main(["calibrate", "--in-situ", str(profile), "--in-situ-replicas", "2", "--in-situ-requests", "6"]) == 0
+    assert main(["calibrate", "--in-situ", str(profile), "--in-situ-replicas", "2", "--in-situ-requests", "6",
+                 "--in-situ-runs", "2"]) == 0
     doc = json.loads(profile.read_text())
-    assert doc["in_situ"]["replicas"] == 2 and doc["in_situ"]["requests"] == 6
+    assert doc["in_situ"]["replicas"] == 2 and doc["in_situ"]["requests"] == 6 and doc["in_situ"]["runs"] == 2
     with profile.with_suffix(".csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     situ = [r for r in rows if r["label"] == "in situ"]
     probe = [r for r in rows if r["label"].startswith("probe: ")]
-    assert situ and len(probe) >= 4 and len(rows) > len(situ) + len(probe) > 10  # the grid samples stay
+    assert situ and len(probe) >= 4 * 2 * 2 and len(rows) > len(situ) + len(probe) > 10  # the grid samples stay
 
     def ratio(rs):
         return sum(float(r["median_s"]) for r in rs) / sum(float(r["predicted_s"]) for r in rs)
