@@ -56,15 +56,9 @@ class LiveRunner:
             ])
 
     def probe(self) -> list:
-        """Time the speed probe's steps on the idle engine (`sagellm.engine.calibration.speed_probe`);
+        """Time the speed probe's steps on the idle engine (on every worker at once for a cluster);
         also kept as `last_probe`."""
-        from sagellm.engine.calibration import speed_probe
-
-        if hasattr(self.engine, "probe"):  # a cluster: every worker at once
-            self.last_probe = self.engine.probe()
-        else:
-            self.last_probe = speed_probe(self.engine)
-            self.engine.reset_prefix_cache()  # the probe wrote scratch K/V into pool blocks
+        self.last_probe = self.engine.probe()
         return self.last_probe
 
     def run(self, trace: list[TraceRequest], slo: SLO | None = None, timeout_s: float = 1800.0) -> LiveResult:

@@ -102,7 +102,7 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
 
     from sagellm.backends.cpu_time import CpuTimes, steal_fraction
     from sagellm.engine import ClusterEngine, SageLLMEngine
-    from sagellm.engine.calibration import measure_in_situ, speed_probe
+    from sagellm.engine.calibration import measure_in_situ
 
     if replicas <= 0:
         raise ValueError(f"in-situ replicas: must be >= 1, got {replicas}")
@@ -114,9 +114,7 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
                   else ClusterEngine(engine_config, num_replicas=replicas)).initialize()
 
     def probe() -> list:
-        samples = engine.probe() if isinstance(engine, ClusterEngine) else speed_probe(engine)
-        engine.reset_prefix_cache()
-        return [replace(s, label=PROBE_LABEL + s.label) for s in samples]
+        return [replace(s, label=PROBE_LABEL + s.label) for s in engine.probe()]
 
     try:
         cpu_before = CpuTimes.read()

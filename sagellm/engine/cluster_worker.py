@@ -67,7 +67,6 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
 
 
 def _serve(index: int, engine: Any, sender: Any, commands: Any, events: Any) -> None:
-    from sagellm.engine.calibration import speed_probe
     from sagellm.engine.types import rejected_output
 
     def done(out: Any) -> None:
@@ -98,9 +97,7 @@ def _serve(index: int, engine: Any, sender: Any, commands: Any, events: Any) -> 
         elif kind == "redirect" and sender is not None:
             sender.redirect(cmd[1], cmd[2])
         elif kind == "probe":
-            samples = speed_probe(engine)
-            engine.reset_prefix_cache()
-            events.put(("reply", index, "probe", samples))
+            events.put(("reply", index, "probe", engine.probe()))
         elif kind == "reset_cache":
             engine.reset_prefix_cache()
             events.put(("reply", index, "reset_cache", True))

@@ -222,6 +222,16 @@ class SageLLMEngine:
                 raise RuntimeError("reset_prefix_cache: requests are still in flight")
             time.sleep(0.05)
 
+    def probe(self) -> list:
+        """Time the speed probe's steps on this idle engine (`sagellm.engine.calibration.speed_probe`)
+        and return them. Side effect: the probe writes scratch K/V into pool blocks, so the prefix
+        cache is reset afterwards."""
+        from sagellm.engine.calibration import speed_probe
+
+        samples = speed_probe(self)
+        self.reset_prefix_cache()
+        return samples
+
     def start_step_log(self) -> None:
         """Record every following step's batch shape and executor time (`take_step_log` returns
         them). Costs one small object per step; off by default."""
