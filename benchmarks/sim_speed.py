@@ -34,7 +34,8 @@ def config(num_requests: int) -> SimulationConfig:
         "hardware": "a100-80gb-sxm",
         "sagellm": {
             "model": {"dtype": "float16", "max_model_len": 4096},
-            "scheduler": {"max_num_seqs": 512, "max_num_batched_tokens": 512, "chunked_prefill": True},
+            "scheduler": {"max_num_seqs": 512, "max_num_batched_tokens": 512, "chunked_prefill": True,
+                          "max_decode_batch": None},
         },
         "workload": {
             "num_requests": num_requests,

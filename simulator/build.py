@@ -69,12 +69,13 @@ def kv_block_bytes(shape: ModelShape, sagellm: SageLLMConfig) -> int:
 
 
 def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int,
-                    role: InferenceMode | None = None) -> Scheduler:
-    """The scheduler of one worker, exactly as the engine builds it (`role` None: the config's)."""
+                    role: InferenceMode | None = None, deferred_decodes: bool = False) -> Scheduler:
+    """The scheduler of one worker, exactly as the engine builds it (`role` None: the config's).
+    `deferred_decodes` (the simulator's choice) changes how fast it runs, not what it decides."""
     policy = sagellm.kv_cache.policy(kv_block_bytes(shape, sagellm))
     kv = KVCacheManager(num_blocks, sagellm.kv_cache.block_size, policy)
     limit = min(max_model_len(shape, sagellm), kv.capacity_tokens)
-    return Scheduler(kv, sagellm.scheduler.limits(limit, role))
+    return Scheduler(kv, sagellm.scheduler.limits(limit, role), deferred_decodes=deferred_decodes)
 
 
 def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, base_dir: Path = Path(".")

@@ -73,7 +73,7 @@ class Simulation:
         block_bytes = kv_block_bytes(self.shape, cfg)
 
         def replica(i: int, role: InferenceMode | None = None) -> Replica:
-            return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role),
+            return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role, deferred_decodes=True),
                            PredictedExecutor(cost_model, block_bytes=block_bytes,
                                              layerwise_layers=self.shape.num_layers if layerwise else 0),
                            self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))

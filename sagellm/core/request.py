@@ -69,6 +69,8 @@ class Request:
     # Prefix caching: chained hashes of the request's full blocks so far, and the chain's root.
     block_hashes: list[int] = field(init=False, default_factory=list)
     hash_root: int = field(init=False, default=0)
+    # Set by the scheduler at each admission: running requests are in increasing order of it.
+    admit_seq: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -18,8 +18,10 @@ it allocates their blocks and emits `receive` operations that fill them from the
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
+from itertools import filterfalse
 
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
@@ -27,6 +29,7 @@ from sagellm.core.kv.tiers import RECEIVE, KVOp
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.pd import InferenceMode
 from sagellm.core.request import Request, RequestStatus
+from sagellm.core.steady import SteadyDecodes
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,16 @@ class Scheduler:
     result, now)` applies a step's sampled tokens, finishes requests and frees their blocks, and
     returns the requests that finished. `abort_request` removes a request at any time. The scheduler
     never reads a clock: `now` is always an argument.
+
+    With `deferred_decodes` (the simulator sets it) requests in steady decode are kept in a
+    `SteadyDecodes` set whose per-step state (`num_computed_tokens`, `output_token_ids`,
+    `token_times`) is written only when the request leaves it: when it finishes, is aborted or
+    preempted, or when `sync_request_state()` is called. Decisions and messages are identical
+    either way; only reading a running request's state between steps needs the sync. It takes
+    effect in the HYBRID mode of a standard worker without prefix caching, and is off otherwise.
     """
 
-    def __init__(self, kv: KVCacheManager, limits: SchedulerLimits) -> None:
+    def __init__(self, kv: KVCacheManager, limits: SchedulerLimits, deferred_decodes: bool = False) -> None:
         self.kv = kv
         self.limits = limits
         # A request alone must always fit in the pool, so the oldest request can always progress.
@@ -96,6 +106,16 @@ class Scheduler:
         self._max_prefill = limits.max_prefill_batch or limits.max_num_seqs
         self._max_decode = limits.max_decode_batch or limits.max_num_seqs
         self._decode_steps_since_prefill = 0
+        self._admissions = 0
+        self.steady: SteadyDecodes | None = None
+        if (deferred_decodes and limits.role is InferenceMode.STANDARD and not limits.time_share
+                and not kv.caching):
+            self.steady = SteadyDecodes()
+        # Deferred mode: running requests outside `steady`, in admission order, and what the last
+        # `schedule` left for `update` (its output and the rows of requests outside `steady`).
+        self._others: list[Request] = []
+        self._ready: set[Request] = set()  # those of `_others` whose next row is a decode
+        self._pending: tuple[SchedulerOutput, list[tuple]] | None = None
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -148,9 +168,9 @@ class Scheduler:
         prefill_phase = None  # None: both kinds of rows (HYBRID); True or False: TIME_SHARE's phase
         if self.limits.time_share:
             prefill_phase = self._time_share_phase()
-        rows, preempted, receives = self._rows(now, prefill_phase)
+        head, rows, preempted, receives = self._rows(now, prefill_phase)
         if not rows and prefill_phase is not None and not preempted:
-            rows, preempted, receives = self._rows(now, not prefill_phase)  # nothing fits: the other phase
+            head, rows, preempted, receives = self._rows(now, not prefill_phase)  # nothing fits: the other phase
             prefill_phase = not prefill_phase
         if prefill_phase is not None and rows:
             self._decode_steps_since_prefill = 0 if prefill_phase else self._decode_steps_since_prefill + 1
@@ -159,7 +179,14 @@ class Scheduler:
             # After admissions, so that a prefix about to be reused is not demoted first.
             kv.step_begin(now)
         self._step_id += 1
-        columns = tuple(zip(*rows)) if rows else ((),) * 6
+        if head is not None:
+            columns_lists, head_rows = head
+            if rows:
+                for col, tail in zip(columns_lists, zip(*rows)):
+                    col.extend(tail)
+            columns = tuple(map(tuple, columns_lists))
+        else:
+            columns = tuple(zip(*rows)) if rows else ((),) * 6
         if self._failed_since_last_step:
             preempted = self._failed_since_last_step + preempted
             self._failed_since_last_step = []
@@ -171,7 +198,14 @@ class Scheduler:
                               finished_ids=tuple(self._finished_since_last_step), kv_ops=ops,
                               handoff_ids=handoffs)
         self._finished_since_last_step = []
+        if head is not None:
+            self._pending = (out, head_rows + rows)
         return out
+
+    def sync_request_state(self) -> None:
+        """Write the deferred state of every steady decode into its `Request` (deferred mode)."""
+        if self.steady is not None:
+            self.steady.materialize_all()
 
     def _time_share_phase(self) -> bool:
         """TIME_SHARE's switching policy: True for a prefill step, False for a decode step."""
@@ -188,8 +222,13 @@ class Scheduler:
             return has_prefill
         return self._decode_steps_since_prefill >= self.limits.time_share_decode_steps
 
-    def _rows(self, now: float, prefill_phase: bool | None) -> tuple[list[tuple], list[str], list[KVOp]]:
-        """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes."""
+    def _rows(self, now: float, prefill_phase: bool | None
+              ) -> tuple[tuple[list[list], list[tuple]] | None, list[tuple], list[str], list[KVOp]]:
+        """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes.
+
+        Returns (head, rows, preempted, receives). In deferred mode `head` holds the rows of the
+        first running requests, steady decodes among them, as columns, plus the rows among them of
+        requests outside the steady set; `rows` continue after them. Otherwise `head` is None."""
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
@@ -204,9 +243,13 @@ class Scheduler:
 
         # Running requests first, in admission order. Their block tables already exist. This loop
         # stops at the first request whose blocks cannot be allocated; the loop after it preempts.
+        # In deferred mode `_steady_head` has already done this for the first `i` of them.
         append = rows.append
         i = 0
-        for req in running:
+        head = None
+        if self.steady is not None and prefill_phase is None:
+            head, i, budget, n_decode, n_prefill, skip_decodes, skip_prefills = self._steady_head()
+        for req in running[i:] if i else running:
             if budget <= 0:
                 break
             start = req.num_computed_tokens
@@ -333,10 +376,135 @@ class Scheduler:
             budget -= n
             n_prefill += 1
             skip_prefills = n_prefill >= max_prefill
-        return rows, preempted, receives
+        return head, rows, preempted, receives
+
+    def _steady_head(self) -> tuple[tuple[list[list], list[tuple]], int, int, int, int, bool, bool]:
+        """The first loop of `_rows` with the steady decodes taken in bulk (deferred mode).
+
+        Walks the running requests outside the steady set, and the members whose blocks are
+        full, in admission order; the members in between each take one token, as in the plain
+        loop. Once decodes are capped and no member is left, only the others that are not
+        waiting to decode are visited. At the first request the plain loop would treat otherwise
+        (the budget or the decode cap runs out among members, or an allocation fails) the
+        members from there on leave the set, and the plain loop goes on from that running index.
+        Returns ((columns, rows outside the set), running index reached, budget, decodes,
+        prefills, skip_decodes, skip_prefills).
+        """
+        st = self.steady
+        budget = self.limits.max_num_batched_tokens
+        max_decode, max_prefill = self._max_decode, self._max_prefill
+        n_decode = n_prefill = 0
+        skip_decodes = skip_prefills = False
+        finishing, full = st.due()
+        others, ready = self._others, self._ready
+        for req in finishing:  # their last token: scheduled the plain way, so `update` finishes them
+            st.leave(req)
+            insort(others, req, key=_admit_seq)
+            ready.add(req)
+        seqs, slots = st.seqs, self._slots
+        append_block, block_size = self.kv.append_block, self.kv.block_size
+        n_members = len(seqs)
+        other_rows: list[tuple[int, tuple]] = []
+        new_blocks_of: dict[int, tuple[int, ...]] = {}
+        done = 0  # members accounted for
+        stop_seq = -1  # admission number where the plain loop takes over
+        visit, vi, n_visit = others, 0, len(others)
+        fi, n_full = 0, len(full)
+        while True:
+            if fi < n_full and (vi >= n_visit or full[fi].admit_seq < visit[vi].admit_seq):
+                req = full[fi]
+                fi += 1
+            elif vi < n_visit:
+                req = visit[vi]
+                vi += 1
+            else:
+                break
+            seq = req.admit_seq
+            between = bisect_left(seqs, seq) - done
+            if between:
+                take = 0 if skip_decodes else min(between, max_decode - n_decode, max(budget, 0))
+                done += take
+                budget -= take
+                n_decode += take
+                skip_decodes = n_decode >= max_decode
+                if take < between:
+                    stop_seq = seqs[done]
+                    break
+            if budget <= 0:
+                stop_seq = seq
+                break
+            rid = req.request_id
+            if rid in st:  # a member whose blocks are full: one more block, then on as before
+                if skip_decodes:
+                    stop_seq = seq
+                    break
+                block = append_block(rid)
+                if block is None:
+                    stop_seq = seq
+                    break
+                new_blocks_of[done] = (block,)
+                slots[rid] = room = slots[rid] + block_size
+                st.got_block(req, done, room)
+                budget -= 1
+                n_decode += 1
+                skip_decodes = n_decode >= max_decode
+                done += 1
+            elif req not in ready or not skip_decodes:
+                start = req.num_computed_tokens
+                total = req.num_tokens
+                is_decode = total - start == 1 and start >= req.num_prompt_tokens
+                if not (skip_decodes if is_decode else skip_prefills):
+                    end = min(total, start + budget)
+                    new_blocks: tuple[int, ...] | None = ()
+                    if end > slots[rid]:
+                        new_blocks = self._allocate(rid, end)
+                        if new_blocks is None:
+                            stop_seq = seq
+                            break
+                    other_rows.append((seq, (rid, start, req.token_slice(start, end), new_blocks, False,
+                                             end == total)))
+                    budget -= end - start
+                    if is_decode:
+                        n_decode += 1
+                        skip_decodes = n_decode >= max_decode
+                    else:
+                        n_prefill += 1
+                        skip_prefills = n_prefill >= max_prefill
+            if skip_decodes and done == n_members and visit is others:
+                # Decodes are capped and every member is placed: only non-decodes can still run.
+                visit = list(filterfalse(ready.__contains__, others[vi:]))
+                vi, n_visit = 0, len(visit)
+        if stop_seq < 0 and done < n_members:
+            rest = n_members - done
+            take = 0 if skip_decodes else min(rest, max_decode - n_decode, max(budget, 0))
+            done += take
+            budget -= take
+            n_decode += take
+            skip_decodes = n_decode >= max_decode
+            if take < rest:
+                stop_seq = seqs[done]
+        if stop_seq >= 0:
+            # The running index of the request at `stop_seq`: members and others before it.
+            i = bisect_left(seqs, stop_seq) + bisect_left(others, stop_seq, key=_admit_seq)
+            for req in st.leave_from(bisect_left(seqs, stop_seq)):
+                insort(others, req, key=_admit_seq)
+                ready.add(req)
+        else:
+            i = len(self.running)
+        columns = st.columns(new_blocks_of)
+        for j, (seq, row) in enumerate(other_rows):
+            pos = bisect_left(seqs, seq) + j
+            for col, value in zip(columns, row):
+                col.insert(pos, value)
+        return ((list(columns), [row for _, row in other_rows]), i, budget, n_decode, n_prefill,
+                skip_decodes, skip_prefills)
 
     def _admit(self, req: Request, start: int, now: float) -> None:
         """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
+        self._admissions += 1
+        req.admit_seq = self._admissions
+        if self.steady is not None:
+            self._others.append(req)
         self._slots[req.request_id] = self.kv.num_slots(req.request_id)
         req.num_computed_tokens = start
         self.waiting.popleft()
@@ -347,6 +515,44 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
         """Apply one step's result; return the requests that finished in it."""
+        all_rows = zip(output.request_ids, output.start_positions, output.token_ids, output.samples)
+        st = self.steady
+        if st is None:
+            return self._apply(output, result, all_rows, now)
+        pending, self._pending = self._pending, None
+        stopped = result.stopped_ids
+        if (pending is None or pending[0] is not output or result.failed_request_ids or result.failed_blocks
+                or (stopped and any(rid in st for rid in stopped))):
+            # Out of the ordinary: write every member's state, then apply the step the plain way.
+            for req in st.leave_from(0):
+                insort(self._others, req, key=_admit_seq)
+                self._ready.add(req)
+            finished = self._apply(output, result, all_rows, now)
+            st.record(result.sampled_token_ids, now)
+            return finished
+        rows = pending[1]
+        finished = self._apply(output, result, [(r[0], r[1], r[2], r[5]) for r in rows], now)
+        st.record(result.sampled_token_ids, now)
+        requests, running_status, others, ready = self.requests, RequestStatus.RUNNING, self._others, self._ready
+        for row in rows:
+            req = requests.get(row[0])
+            if req is None or req.status is not running_status:
+                continue
+            computed = req.num_computed_tokens
+            if computed == req.num_tokens - 1 and computed >= req.num_prompt_tokens:
+                # A member's next input is the token it sampled in the step before (see `columns`).
+                if row[5] and not req.stop_token_set and req.token_limit - req.num_tokens >= 2:
+                    others.remove(req)
+                    ready.discard(req)
+                    st.join(req, self._slots[row[0]])
+                else:
+                    ready.add(req)
+            else:
+                ready.discard(req)
+        return finished
+
+    def _apply(self, output: SchedulerOutput, result: StepResult, rows, now: float) -> list[Request]:
+        """`update` for the given (request id, start, token ids, samples) rows of `output`."""
         finished: list[Request] = []
         stopped = result.stopped_ids
         sampled = result.sampled_token_ids
@@ -355,9 +561,7 @@ class Scheduler:
         if result.failed_request_ids or result.failed_blocks:
             self._recompute_failed(result, now)
         caching, bs = self.caching, self.kv.block_size
-        for rid, start, toks, samples in zip(
-            output.request_ids, output.start_positions, output.token_ids, output.samples
-        ):
+        for rid, start, toks, samples in rows:
             req = requests.get(rid)
             if req is None or req.status is not running_status:
                 continue  # aborted or preempted after scheduling
@@ -402,6 +606,9 @@ class Scheduler:
         for req in reversed(failed):  # back to the front of the queue, in their order
             rid = req.request_id
             self.running.remove(req)
+            if self.steady is not None:
+                self._others.remove(req)
+                self._ready.discard(req)
             self._slots.pop(rid, None)
             self.kv.free(rid, now)
             req.num_computed_tokens = 0
@@ -437,6 +644,12 @@ class Scheduler:
         """Take a running request's device blocks and put it first in line: swapped out to DDR
         (granularity REQUEST, when DDR has room) or to be recomputed."""
         rid = req.request_id
+        if self.steady is not None:
+            if rid in self.steady:
+                self.steady.leave(req)
+            else:
+                self._others.remove(req)
+                self._ready.discard(req)
         self._slots.pop(rid, None)
         if not (swap and self.swaps and self.kv.swap_out(rid, req.num_computed_tokens, now)):
             self.kv.free(rid, now)
@@ -447,9 +660,19 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
+        if self.steady is not None and req.status is RequestStatus.RUNNING:
+            if req.request_id in self.steady:
+                self.steady.leave(req)
+            else:
+                self._others.remove(req)
+                self._ready.discard(req)
         self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
         req.finish_time = now
         del self.requests[req.request_id]
         self._finished_since_last_step.append(req.request_id)
+
+
+def _admit_seq(req: Request) -> int:
+    return req.admit_seq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import repeat
 
 
 class BlockPool:
@@ -74,8 +75,27 @@ class BlockPool:
             del self.evictable[block_id]
         self._ref_counts[block_id] = count + 1
 
+    def allocate_one(self) -> int | None:
+        """`allocate(1)` for one block id, or None."""
+        free = self._free
+        if free:
+            b = free.popleft()
+        elif self.evictable:
+            b = self.evict_one()
+        else:
+            return None
+        self._ref_counts[b] = 1
+        return b
+
     def release(self, block_ids: list[int], now: float = 0.0) -> None:
         """Drop one reference to each block; `now` stamps blocks that become evictable."""
+        refs = self._ref_counts
+        if not self.block_hash and all(map((1).__eq__, map(refs.__getitem__, block_ids))):
+            # Nothing cached and every block solely owned (the usual case without prefix caching):
+            # all become free, in order, without a Python iteration per block.
+            deque(map(refs.__setitem__, block_ids, repeat(0)), maxlen=0)
+            self._free.extend(block_ids)
+            return
         for b in block_ids:
             count = self._ref_counts[b]
             if count <= 0:

@@ -95,6 +95,14 @@ class KVCacheManager:
         self._tables.setdefault(request_id, []).extend(new_blocks)
         return new_blocks
 
+    def append_block(self, request_id: str) -> int | None:
+        """Add one block to the end of an existing request's table (`allocate_slots` for one more
+        block); returns it, or None (nothing changes) when no block is available."""
+        block = self.pool.allocate_one()
+        if block is not None:
+            self._tables[request_id].append(block)
+        return block
+
     def free(self, request_id: str, now: float = 0.0) -> None:
         """Release the request's device blocks (cached ones stay findable) and any swapped copy."""
         self._num_registered.pop(request_id, None)

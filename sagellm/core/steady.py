@@ -1,0 +1,192 @@
+"""Steady decodes: running requests whose per-step bookkeeping the scheduler defers (stdlib only).
+
+A request in steady decode gets exactly one token per step, reuses its last sampled token as its
+next input and has nothing to check until a known step: the one where its blocks are full, or
+the one that produces its last token. Between those steps the scheduler has nothing to decide
+for it, yet the plain loop spends a Python iteration per request per step writing its position,
+its new token and the token's time. `SteadyDecodes` keeps such requests as parallel columns and
+writes their state only when asked (`materialize`): a step costs a few C-level passes over the
+columns instead of a Python iteration per request. This is what lets the simulator run the real
+scheduler over millions of decode steps.
+
+The deferred state is exact: `materialize` appends the very tokens the executor sampled and the
+very times passed to `Scheduler.update`, in order, so a request leaves the set identical to one
+that never entered it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from itertools import repeat
+from operator import add, itemgetter
+
+from sagellm.core.request import Request
+
+_TRIM_EVERY = 512
+
+
+class SteadyDecodes:
+    """The steady-decode requests of one scheduler, ordered by admission (`Request.admit_seq`).
+
+    Contract: `step` counts the updates recorded (`record`); a member that joined at step j0
+    with `num_computed_tokens` = c is scheduled at step k with start position `c - j0 + k` and
+    the token it sampled at step k - 1. `join` requires the request's state to be current and
+    arms an event for the first step at which it needs attention (`due`): its block table is full
+    (the scheduler allocates and calls `rearm`) or the step will produce its last token (the
+    scheduler takes it out with `leave` and schedules it the plain way, so `update` finishes it).
+    `materialize`, `leave` and `leave_from` write the deferred tokens, token times and computed
+    count into the `Request` objects. No other side effects; no clock.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.seqs: list[int] = []
+        self.ids: list[str] = []
+        self.offsets: list[int] = []  # start position at step k is offset + k
+        self.joined: list[int] = []
+        self.reqs: list[Request] = []
+        self._finish_at: dict[str, int] = {}  # also the membership test
+        self._event_step: dict[str, int] = {}  # request id -> step of its one pending event
+        self._events: dict[int, list[Request]] = {}  # step -> the members due then
+        self._base = 0  # step of _tokens[0], _same[0] and _times[0]
+        self._tokens: list[dict[str, int]] = []
+        self._same: list[int | None] = []  # the token every request sampled at that step, if one
+        self._times: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._finish_at
+
+    # ---- membership ----------------------------------------------------------------------
+    def join(self, req: Request, slots: int) -> None:
+        """Add a running request that has just sampled and decodes next; `slots` is what its blocks hold."""
+        k = self.step
+        rid = req.request_id
+        offset = req.num_computed_tokens - k
+        i = bisect_left(self.seqs, req.admit_seq)
+        self.seqs.insert(i, req.admit_seq)
+        self.ids.insert(i, rid)
+        self.offsets.insert(i, offset)
+        self.joined.insert(i, k)
+        self.reqs.insert(i, req)
+        finish = k + req.token_limit - req.num_tokens - 1
+        self._finish_at[rid] = finish
+        self.arm(req, min(finish, slots - offset))
+
+    def got_block(self, req: Request, index: int, slots: int) -> None:
+        """Member `index` got one more block at this step (`due` listed it): arm its next event,
+        its last token or its next full table."""
+        self.arm(req, min(self._finish_at[req.request_id], slots - self.offsets[index]))
+
+    def arm(self, req: Request, step: int) -> None:
+        """Make `due` return the member at `step`; its earlier event must have passed."""
+        self._event_step[req.request_id] = step
+        bucket = self._events.get(step)
+        if bucket is None:
+            self._events[step] = [req]
+        else:
+            bucket.append(req)
+
+    def due(self) -> tuple[list[Request], list[Request]]:
+        """Members that need attention at this step: (those whose last token it makes, those
+        whose blocks are full), each in admission order."""
+        k = self.step
+        live = self._events.pop(k, None)
+        if not live:
+            return [], []
+        if len(live) > 1:
+            live.sort(key=_admit_seq)
+        finish_at = self._finish_at
+        finishing = [r for r in live if finish_at[r.request_id] == k]
+        if not finishing:
+            return [], live
+        return finishing, [r for r in live if finish_at[r.request_id] != k]
+
+    def index(self, req: Request) -> int:
+        return bisect_left(self.seqs, req.admit_seq)
+
+    def leave(self, req: Request) -> None:
+        """Write the member's deferred state and remove it."""
+        i = self.index(req)
+        self.materialize(i)
+        self._remove(i, i + 1)
+
+    def leave_from(self, i: int) -> list[Request]:
+        """Write the deferred state of the members from index `i` on and remove them; returns them."""
+        for j in range(i, len(self.ids)):
+            self.materialize(j)
+        gone = self.reqs[i:]
+        self._remove(i, len(self.ids))
+        return gone
+
+    def _remove(self, i: int, j: int) -> None:
+        events = self._events
+        for req in self.reqs[i:j]:
+            rid = req.request_id
+            del self._finish_at[rid]
+            bucket = events.get(self._event_step.pop(rid))
+            if bucket is not None:  # None: `due` has handed this step's bucket out already
+                bucket.remove(req)
+        del self.seqs[i:j], self.ids[i:j], self.offsets[i:j], self.joined[i:j], self.reqs[i:j]
+
+    def materialize(self, i: int) -> None:
+        """Bring member `i`'s `Request` up to date with every recorded step (it stays a member)."""
+        req, j0, k = self.reqs[i], self.joined[i], self.step
+        if k > j0:
+            a, b = j0 - self._base, k - self._base
+            same = self._same[a]
+            if same is not None and self._same[a:b].count(same) == b - a:
+                req.output_token_ids.extend(repeat(same, b - a))
+            else:
+                req.output_token_ids.extend(map(itemgetter(req.request_id), self._tokens[a:b]))
+            req.token_times.extend(self._times[a:b])
+            self.joined[i] = k
+        req.num_computed_tokens = self.offsets[i] + k
+
+    def materialize_all(self) -> None:
+        for i in range(len(self.ids)):
+            self.materialize(i)
+
+    # ---- one step ------------------------------------------------------------------------
+    def columns(self, new_blocks: dict[int, tuple[int, ...]]) -> tuple[list, list, list, list, list, list]:
+        """The members' rows of this step as six columns in admission order (request ids, start
+        positions, token ids, new blocks, resets, samples); `new_blocks` maps a member's index to
+        the blocks it got this step."""
+        n = len(self.ids)
+        if not n:
+            return [], [], [], [], [], []
+        ids = self.ids
+        same = self._same[-1]
+        if same is not None:
+            tokens = [(same,)] * n
+        else:
+            last = self._tokens[-1]
+            try:
+                tokens = list(zip(map(last.__getitem__, ids)))
+            except KeyError:
+                missing = next(rid for rid in ids if rid not in last)
+                raise ValueError(f"step {self.step - 1}: no sampled token for {missing!r}") from None
+        blocks: list[tuple[int, ...]] = [()] * n
+        for i, added in new_blocks.items():
+            blocks[i] = added
+        return (list(ids), list(map(add, self.offsets, repeat(self.step, n))), tokens, blocks,
+                [False] * n, [True] * n)
+
+    def record(self, sampled: dict[str, int], now: float) -> None:
+        """One step's update: its sampled tokens (every member's among them) and its time."""
+        self._tokens.append(sampled)
+        values = set(sampled.values())
+        self._same.append(values.pop() if len(values) == 1 else None)
+        self._times.append(now)
+        self.step += 1
+        if self.step % _TRIM_EVERY == 0:
+            keep = min(min(self.joined, default=self.step), self.step - 1) - self._base
+            if keep > 0:
+                del self._tokens[:keep], self._same[:keep], self._times[:keep]
+                self._base += keep
+
+
+def _admit_seq(req: Request) -> int:
+    return req.admit_seq
