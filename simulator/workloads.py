@@ -11,6 +11,7 @@ row (the Azure traces start at 0, so they replay with their exact times).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -404,17 +405,24 @@ def _requests(spec: WorkloadSpec, arrivals: Iterator[float], prompt: Callable[[i
 # --- token ids and summary ----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _all_ids(vocab_size: int) -> list[int]:
+    return list(range(vocab_size))
+
+
 def _extend_run(out: list[int], start: int, n: int, vocab_size: int) -> list[int]:
-    """Append n consecutive ids from `start` to `out`, wrapping around vocab_size; ranges, no per-token loop."""
+    """Append n consecutive ids from `start` to `out`, wrapping around vocab_size: slices of one list
+    of every id, so no per-token loop and no new int objects."""
+    ids = _all_ids(vocab_size)
     start %= vocab_size
     if start + n <= vocab_size:
-        out += range(start, start + n)
+        out += ids[start:start + n]
         return out
-    out += range(start, vocab_size)
+    out += ids[start:]
     full, rest = divmod(n - (vocab_size - start), vocab_size)
     for _ in range(full):
-        out += range(vocab_size)
-    out += range(rest)
+        out += ids
+    out += ids[:rest]
     return out
 
 

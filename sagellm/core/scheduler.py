@@ -22,6 +22,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from itertools import filterfalse
+from operator import add, attrgetter
 
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
@@ -180,11 +181,10 @@ class Scheduler:
             kv.step_begin(now)
         self._step_id += 1
         if head is not None:
-            columns_lists, head_rows = head
-            if rows:
-                for col, tail in zip(columns_lists, zip(*rows)):
-                    col.extend(tail)
-            columns = tuple(map(tuple, columns_lists))
+            columns, appended, head_rows = head
+            tail = appended + rows
+            if tail:
+                columns = tuple(map(add, columns, zip(*tail)))
         else:
             columns = tuple(zip(*rows)) if rows else ((),) * 6
         if self._failed_since_last_step:
@@ -223,12 +223,12 @@ class Scheduler:
         return self._decode_steps_since_prefill >= self.limits.time_share_decode_steps
 
     def _rows(self, now: float, prefill_phase: bool | None
-              ) -> tuple[tuple[list[list], list[tuple]] | None, list[tuple], list[str], list[KVOp]]:
+              ) -> tuple[tuple[tuple, list[tuple], list[tuple]] | None, list[tuple], list[str], list[KVOp]]:
         """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes.
 
         Returns (head, rows, preempted, receives). In deferred mode `head` holds the rows of the
-        first running requests, steady decodes among them, as columns, plus the rows among them of
-        requests outside the steady set; `rows` continue after them. Otherwise `head` is None."""
+        first running requests (see `_steady_head`); `rows` continue after them. Otherwise `head`
+        is None."""
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
@@ -378,7 +378,7 @@ class Scheduler:
             skip_prefills = n_prefill >= max_prefill
         return head, rows, preempted, receives
 
-    def _steady_head(self) -> tuple[tuple[list[list], list[tuple]], int, int, int, int, bool, bool]:
+    def _steady_head(self) -> tuple[tuple[tuple, list[tuple], list[tuple]], int, int, int, int, bool, bool]:
         """The first loop of `_rows` with the steady decodes taken in bulk (deferred mode).
 
         Walks the running requests outside the steady set, and the members whose blocks are
@@ -387,8 +387,8 @@ class Scheduler:
         waiting to decode are visited. At the first request the plain loop would treat otherwise
         (the budget or the decode cap runs out among members, or an allocation fails) the
         members from there on leave the set, and the plain loop goes on from that running index.
-        Returns ((columns, rows outside the set), running index reached, budget, decodes,
-        prefills, skip_decodes, skip_prefills).
+        Returns ((columns, rows to append to them, rows of requests outside the set), running
+        index reached, budget, decodes, prefills, skip_decodes, skip_prefills).
         """
         st = self.steady
         budget = self.limits.max_num_batched_tokens
@@ -408,6 +408,20 @@ class Scheduler:
         new_blocks_of: dict[int, tuple[int, ...]] = {}
         done = 0  # members accounted for
         stop_seq = -1  # admission number where the plain loop takes over
+        if (full and n_members <= budget and n_members <= max_decode and (not others or others[0].admit_seq > seqs[-1])
+                and len(full) <= self.kv.num_free_blocks):
+            # Every member runs and every full table gets its block: all at once, in admission
+            # order, which hands out the blocks one at a time would.
+            for req, block in zip(full, self.kv.append_blocks([r.request_id for r in full])):
+                index = bisect_left(seqs, req.admit_seq)
+                new_blocks_of[index] = (block,)
+                rid = req.request_id
+                slots[rid] = room = slots[rid] + block_size
+                st.got_block(req, index, room)
+            full = []
+            done = n_decode = n_members
+            budget -= n_members
+            skip_decodes = n_decode >= max_decode
         visit, vi, n_visit = others, 0, len(others)
         fi, n_full = 0, len(full)
         while True:
@@ -492,12 +506,16 @@ class Scheduler:
         else:
             i = len(self.running)
         columns = st.columns(new_blocks_of)
-        for j, (seq, row) in enumerate(other_rows):
-            pos = bisect_left(seqs, seq) + j
-            for col, value in zip(columns, row):
-                col.insert(pos, value)
-        return ((list(columns), [row for _, row in other_rows]), i, budget, n_decode, n_prefill,
-                skip_decodes, skip_prefills)
+        outside = [row for _, row in other_rows]
+        if other_rows and seqs and other_rows[0][0] < seqs[-1]:
+            # Rows of others among the members' (usually the others all come after them).
+            lists = list(map(list, columns))
+            for j, (seq, row) in enumerate(other_rows):
+                pos = bisect_left(seqs, seq) + j
+                for col, value in zip(lists, row):
+                    col.insert(pos, value)
+            return (tuple(map(tuple, lists)), [], outside), i, budget, n_decode, n_prefill, skip_decodes, skip_prefills
+        return (columns, outside, outside), i, budget, n_decode, n_prefill, skip_decodes, skip_prefills
 
     def _admit(self, req: Request, start: int, now: float) -> None:
         """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
@@ -674,5 +692,4 @@ class Scheduler:
         self._finished_since_last_step.append(req.request_id)
 
 
-def _admit_seq(req: Request) -> int:
-    return req.admit_seq
+_admit_seq = attrgetter("admit_seq")

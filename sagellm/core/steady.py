@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import repeat
-from operator import add, itemgetter
+from operator import add, attrgetter, itemgetter
 
 from sagellm.core.request import Request
 
@@ -150,29 +150,33 @@ class SteadyDecodes:
             self.materialize(i)
 
     # ---- one step ------------------------------------------------------------------------
-    def columns(self, new_blocks: dict[int, tuple[int, ...]]) -> tuple[list, list, list, list, list, list]:
+    def columns(self, new_blocks: dict[int, tuple[int, ...]]) -> tuple[tuple, tuple, tuple, tuple, tuple, tuple]:
         """The members' rows of this step as six columns in admission order (request ids, start
         positions, token ids, new blocks, resets, samples); `new_blocks` maps a member's index to
         the blocks it got this step."""
         n = len(self.ids)
         if not n:
-            return [], [], [], [], [], []
+            return (), (), (), (), (), ()
         ids = self.ids
         same = self._same[-1]
         if same is not None:
-            tokens = [(same,)] * n
+            tokens = ((same,),) * n
         else:
             last = self._tokens[-1]
             try:
-                tokens = list(zip(map(last.__getitem__, ids)))
+                tokens = tuple(zip(map(last.__getitem__, ids)))
             except KeyError:
                 missing = next(rid for rid in ids if rid not in last)
                 raise ValueError(f"step {self.step - 1}: no sampled token for {missing!r}") from None
-        blocks: list[tuple[int, ...]] = [()] * n
-        for i, added in new_blocks.items():
-            blocks[i] = added
-        return (list(ids), list(map(add, self.offsets, repeat(self.step, n))), tokens, blocks,
-                [False] * n, [True] * n)
+        if new_blocks:
+            blocks_list: list[tuple[int, ...]] = [()] * n
+            for i, added in new_blocks.items():
+                blocks_list[i] = added
+            blocks = tuple(blocks_list)
+        else:
+            blocks = ((),) * n
+        return (tuple(ids), tuple(map(add, self.offsets, repeat(self.step, n))), tokens, blocks,
+                (False,) * n, (True,) * n)
 
     def record(self, sampled: dict[str, int], now: float) -> None:
         """One step's update: its sampled tokens (every member's among them) and its time."""
@@ -188,5 +192,4 @@ class SteadyDecodes:
                 self._base += keep
 
 
-def _admit_seq(req: Request) -> int:
-    return req.admit_seq
+_admit_seq = attrgetter("admit_seq")

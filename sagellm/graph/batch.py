@@ -64,7 +64,7 @@ def batch_vector(out: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
     zeros = starts.count(0)
     if tokens == n_seqs:  # one token each
         return tokens, n_seqs, n_seqs - zeros, sum(out.samples), ctx, ctx
-    chunks = list(compress(zip(lens, starts), map((1).__lt__, lens)))
+    chunks = [(lens[i], starts[i]) for i in compress(range(n_seqs), map((1).__lt__, lens))]
     # one-token entries contribute c + 1 pairs each; chunks n*c + n*(n+1)/2
     pairs = s + (n_seqs - len(chunks))
     for n, c in chunks:

@@ -52,8 +52,7 @@ class BlockPool:
             blocks = [free.popleft() for _ in range(len(free))]
             while len(blocks) < n:
                 blocks.append(self.evict_one())
-        for b in blocks:
-            self._ref_counts[b] = 1
+        deque(map(self._ref_counts.__setitem__, blocks, repeat(1)), maxlen=0)
         return blocks
 
     def evict_one(self) -> int:

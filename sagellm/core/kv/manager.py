@@ -103,6 +103,16 @@ class KVCacheManager:
             self._tables[request_id].append(block)
         return block
 
+    def append_blocks(self, request_ids: list[str]) -> list[int] | None:
+        """`append_block` for each request in turn, all or nothing: the blocks, or None (nothing
+        changes) when fewer are available."""
+        blocks = self.pool.allocate(len(request_ids))
+        if blocks is not None:
+            tables = self._tables
+            for rid, block in zip(request_ids, blocks):
+                tables[rid].append(block)
+        return blocks
+
     def free(self, request_id: str, now: float = 0.0) -> None:
         """Release the request's device blocks (cached ones stay findable) and any swapped copy."""
         self._num_registered.pop(request_id, None)
