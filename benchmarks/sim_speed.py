@@ -6,7 +6,10 @@ in float16 on the A100-80GB roofline, chunked prefill with a 512-token budget an
 sequences. Llama-2 has a 4,096-token context, so prompts are capped at 3,072 tokens (1.4% of
 azure_conv prompts are longer) and outputs at 1,024 (none are longer).
 
-    python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile]
+    python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile] [--compare-plain]
+
+`--compare-plain` alternates each run with one whose schedulers run the plain per-request loop
+(no deferred steady decodes): same decisions and results, and the ratio of the two speeds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import cProfile
 import pstats
 import statistics
 import sys
+import timeit
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +54,18 @@ def config(num_requests: int) -> SimulationConfig:
     })
 
 
+def _sum_range_ms() -> float:
+    """A yardstick of this machine's speed at the time of the run (docs quote it beside results)."""
+    return min(timeit.repeat("sum(range(10**6))", number=5, repeat=5)) / 5 * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="cProfile one run and print the top functions")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="alternate with runs of the plain scheduler loop and print the speed ratio")
     args = ap.parse_args()
     cfg = config(args.num_requests)
     if args.profile:
@@ -62,7 +73,7 @@ def main() -> None:
         cProfile.runctx("sim.run()", globals(), {"sim": sim}, "/tmp/sim_speed.prof")
         pstats.Stats("/tmp/sim_speed.prof").sort_stats("tottime").print_stats(15)
         return
-    rates, step_rates = [], []
+    rates, step_rates, plain_rates = [], [], []
     for k in range(args.repeats):
         result = Simulation(cfg).run()
         wall = result.wall_seconds
@@ -72,12 +83,24 @@ def main() -> None:
         print(f"run {k + 1}: {len(result.records)} requests, {info['num_steps']} steps, "
               f"{info['simulated_seconds']:.0f} simulated s in {wall:.1f} wall s -> "
               f"{rates[-1]:.0f} req/s, {step_rates[-1]:.0f} steps/s")
+        if args.compare_plain:
+            plain = Simulation(cfg, deferred_decodes=False).run()
+            if plain.summary != result.summary or plain.info["num_steps"] != info["num_steps"]:
+                raise SystemExit("the plain scheduler loop made different decisions: this is a bug")
+            plain_rates.append(len(plain.records) / plain.wall_seconds)
+            print(f"run {k + 1}, plain loop: same {info['num_steps']} steps and results in "
+                  f"{plain.wall_seconds:.1f} wall s -> {plain_rates[-1]:.0f} req/s")
     s = result.summary
     print(f"simulated: throughput {s['request_throughput']:.2f} req/s, mean TTFT {s['ttft_mean'] * 1e3:.0f} ms, "
           f"mean TPOT {s['tpot_mean'] * 1e3:.1f} ms, preemptions {s['num_preemptions']:.0f}, "
           f"KV blocks {info['num_kv_blocks_per_replica']}")
     print(f"median over {args.repeats} runs: {statistics.median(rates):.0f} simulated requests per wall-second, "
           f"{statistics.median(step_rates):.0f} scheduler steps per second (target >= 3000 req/s)")
+    if plain_rates:
+        ratios = [a / b for a, b in zip(rates, plain_rates)]
+        print(f"plain loop: median {statistics.median(plain_rates):.0f} req/s; deferred / plain per pair: "
+              + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x)")
+    print(f"machine speed: python -m timeit 'sum(range(10**6))' = {_sum_range_ms():.1f} ms here now")
 
 
 if __name__ == "__main__":

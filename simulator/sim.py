@@ -53,11 +53,14 @@ class Simulation:
     `run()` simulates until every request has finished and returns a `SimulationResult`. The same
     config gives byte-identical results (all randomness is seeded by the workload). `cost_model`
     overrides the one the config names (tests use a constant one); `on_step(replica, output)`
-    sees every scheduler output.
+    sees every scheduler output. `deferred_decodes` (default on) lets the schedulers keep steady
+    decodes in bulk (`sagellm.core.steady`): the same decisions and results, faster; off, they run
+    the plain per-request loop (benchmarks compare the two).
     """
 
     def __init__(self, config: SimulationConfig, cost_model: CostModel | None = None,
-                 on_step: Callable[[int, SchedulerOutput], None] | None = None) -> None:
+                 on_step: Callable[[int, SchedulerOutput], None] | None = None,
+                 deferred_decodes: bool = True) -> None:
         self.config = config
         cfg = config.sagellm
         self.shape = resolve_shape(config.model, cfg, config.base_dir)
@@ -73,7 +76,7 @@ class Simulation:
         block_bytes = kv_block_bytes(self.shape, cfg)
 
         def replica(i: int, role: InferenceMode | None = None) -> Replica:
-            return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role, deferred_decodes=True),
+            return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role, deferred_decodes),
                            PredictedExecutor(cost_model, block_bytes=block_bytes,
                                              layerwise_layers=self.shape.num_layers if layerwise else 0),
                            self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))

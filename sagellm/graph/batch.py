@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import compress
 
 from sagellm.core.outputs import SchedulerOutput
 
@@ -52,8 +51,8 @@ class BatchShape:
 def batch_vector(out: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
     """The fields of `BatchShape.from_output(out)` as a tuple, without building the object.
 
-    Written with C-level passes (`map`, `sum`, `compress`) plus a Python loop over the multi-token
-    chunks only, because the simulator calls it every step with mostly one-token decodes.
+    Written with C-level passes (`map`, `sum`, `count`) plus one comprehension that keeps the
+    multi-token chunks, because the simulator calls it every step with mostly one-token decodes.
     """
     starts = out.start_positions
     lens = list(map(len, out.token_ids))
@@ -64,7 +63,7 @@ def batch_vector(out: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
     zeros = starts.count(0)
     if tokens == n_seqs:  # one token each
         return tokens, n_seqs, n_seqs - zeros, sum(out.samples), ctx, ctx
-    chunks = [(lens[i], starts[i]) for i in compress(range(n_seqs), map((1).__lt__, lens))]
+    chunks = [(n, c) for n, c in zip(lens, starts) if n > 1]
     # one-token entries contribute c + 1 pairs each; chunks n*c + n*(n+1)/2
     pairs = s + (n_seqs - len(chunks))
     for n, c in chunks:

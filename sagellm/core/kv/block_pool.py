@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from itertools import repeat
 
 
 class BlockPool:
@@ -52,7 +51,9 @@ class BlockPool:
             blocks = [free.popleft() for _ in range(len(free))]
             while len(blocks) < n:
                 blocks.append(self.evict_one())
-        deque(map(self._ref_counts.__setitem__, blocks, repeat(1)), maxlen=0)
+        refs = self._ref_counts
+        for b in blocks:
+            refs[b] = 1
         return blocks
 
     def evict_one(self) -> int:
@@ -88,23 +89,19 @@ class BlockPool:
 
     def release(self, block_ids: list[int], now: float = 0.0) -> None:
         """Drop one reference to each block; `now` stamps blocks that become evictable."""
-        refs = self._ref_counts
-        if not self.block_hash and all(map((1).__eq__, map(refs.__getitem__, block_ids))):
-            # Nothing cached and every block solely owned (the usual case without prefix caching):
-            # all become free, in order, without a Python iteration per block.
-            deque(map(refs.__setitem__, block_ids, repeat(0)), maxlen=0)
-            self._free.extend(block_ids)
-            return
+        refs, free, hashed = self._ref_counts, self._free, self.block_hash
         for b in block_ids:
-            count = self._ref_counts[b]
-            if count <= 0:
-                raise ValueError(f"block {b} released while free (double free)")
-            self._ref_counts[b] = count - 1
+            count = refs[b]
             if count == 1:
-                if b in self.block_hash:
+                refs[b] = 0
+                if hashed and b in hashed:
                     self.evictable[b] = now
                 else:
-                    self._free.append(b)
+                    free.append(b)
+            elif count > 1:
+                refs[b] = count - 1
+            else:
+                raise ValueError(f"block {b} released while free (double free)")
 
     def register(self, block_id: int, h: int) -> bool:
         """Make block `block_id` findable by content hash `h`; False (nothing changes) when another
