@@ -89,7 +89,7 @@ def test_deferred_decodes_make_the_plain_schedulers_decisions(seed, num_blocks, 
     assert kv_plain.num_free_blocks == kv_deferred.num_free_blocks
     if not plain.requests:
         assert kv_deferred.num_free_blocks == kv_deferred.num_blocks
-        assert not deferred._others and not deferred._ready and len(deferred.steady) == 0
+        assert not deferred._others and len(deferred.steady) == 0
 
 
 def test_steady_decodes_are_deferred_and_written_back_exactly():

@@ -21,7 +21,6 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
-from itertools import filterfalse
 from operator import add, attrgetter
 
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
@@ -115,7 +114,6 @@ class Scheduler:
         # Deferred mode: running requests outside `steady`, in admission order, and what the last
         # `schedule` left for `update` (its output and the rows of requests outside `steady`).
         self._others: list[Request] = []
-        self._ready: set[Request] = set()  # those of `_others` whose next row is a decode
         self._pending: tuple[SchedulerOutput, list[tuple]] | None = None
 
     # ---- requests in and out -------------------------------------------------------------
@@ -181,10 +179,7 @@ class Scheduler:
             kv.step_begin(now)
         self._step_id += 1
         if head is not None:
-            columns, appended, head_rows = head
-            tail = appended + rows
-            if tail:
-                columns = tuple(map(add, columns, zip(*tail)))
+            columns = tuple(map(add, head, zip(*rows))) if rows else head
         else:
             columns = tuple(zip(*rows)) if rows else ((),) * 6
         if self._failed_since_last_step:
@@ -199,7 +194,7 @@ class Scheduler:
                               handoff_ids=handoffs)
         self._finished_since_last_step = []
         if head is not None:
-            self._pending = (out, head_rows + rows)
+            self._pending = (out, rows)
         return out
 
     def sync_request_state(self) -> None:
@@ -223,12 +218,12 @@ class Scheduler:
         return self._decode_steps_since_prefill >= self.limits.time_share_decode_steps
 
     def _rows(self, now: float, prefill_phase: bool | None
-              ) -> tuple[tuple[tuple, list[tuple], list[tuple]] | None, list[tuple], list[str], list[KVOp]]:
+              ) -> tuple[tuple | None, list[tuple], list[str], list[KVOp]]:
         """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes.
 
         Returns (head, rows, preempted, receives). In deferred mode `head` holds the rows of the
-        first running requests (see `_steady_head`); `rows` continue after them. Otherwise `head`
-        is None."""
+        steady decodes at the front of `running` as columns (see `_steady_head`); `rows` continue
+        after them. Otherwise `head` is None."""
         budget = self.limits.max_num_batched_tokens
         rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
         preempted: list[str] = []
@@ -248,7 +243,9 @@ class Scheduler:
         i = 0
         head = None
         if self.steady is not None and prefill_phase is None:
-            head, i, budget, n_decode, n_prefill, skip_decodes, skip_prefills = self._steady_head()
+            head, i, n_decode = self._steady_head()
+            budget -= n_decode
+            skip_decodes = n_decode >= max_decode
         for req in running[i:] if i else running:
             if budget <= 0:
                 break
@@ -378,144 +375,38 @@ class Scheduler:
             skip_prefills = n_prefill >= max_prefill
         return head, rows, preempted, receives
 
-    def _steady_head(self) -> tuple[tuple[tuple, list[tuple], list[tuple]], int, int, int, int, bool, bool]:
-        """The first loop of `_rows` with the steady decodes taken in bulk (deferred mode).
+    def _steady_head(self) -> tuple[tuple, int, int]:
+        """The first loop of `_rows` for the steady decodes at the front of `running` (deferred mode).
 
-        Walks the running requests outside the steady set, and the members whose blocks are
-        full, in admission order; the members in between each take one token, as in the plain
-        loop. Once decodes are capped and no member is left, only the others that are not
-        waiting to decode are visited. At the first request the plain loop would treat otherwise
-        (the budget or the decode cap runs out among members, or an allocation fails) the
-        members from there on leave the set, and the plain loop goes on from that running index.
-        Returns ((columns, rows to append to them, rows of requests outside the set), running
-        index reached, budget, decodes, prefills, skip_decodes, skip_prefills).
+        The plain loop gives each of them one token and, when its table is full, one block, in
+        admission order. That is done here in bulk for the members admitted before every other
+        running request, up to the budget and the decode cap, stopping at the first member a block
+        cannot be found for. The members after that point leave the set, so that the plain loop
+        can go on from there. Returns (the members' columns, the running index reached, the
+        number of members scheduled).
         """
         st = self.steady
-        budget = self.limits.max_num_batched_tokens
-        max_decode, max_prefill = self._max_decode, self._max_prefill
-        n_decode = n_prefill = 0
-        skip_decodes = skip_prefills = False
-        finishing, full = st.due()
-        others, ready = self._others, self._ready
-        for req in finishing:  # their last token: scheduled the plain way, so `update` finishes them
-            st.leave(req)
-            insort(others, req, key=_admit_seq)
-            ready.add(req)
-        seqs, slots = st.seqs, self._slots
-        append_block, block_size = self.kv.append_block, self.kv.block_size
-        n_members = len(seqs)
-        other_rows: list[tuple[int, tuple]] = []
-        new_blocks_of: dict[int, tuple[int, ...]] = {}
-        done = 0  # members accounted for
-        stop_seq = -1  # admission number where the plain loop takes over
-        if (full and n_members <= budget and n_members <= max_decode and (not others or others[0].admit_seq > seqs[-1])
-                and len(full) <= self.kv.num_free_blocks):
-            # Every member runs and every full table gets its block: all at once, in admission
-            # order, which hands out the blocks one at a time would.
-            for req, block in zip(full, self.kv.append_blocks([r.request_id for r in full])):
-                index = bisect_left(seqs, req.admit_seq)
-                new_blocks_of[index] = (block,)
+        seqs, others = st.seqs, self._others
+        n = bisect_left(seqs, others[0].admit_seq) if others else len(seqs)
+        n = min(n, self.limits.max_num_batched_tokens, self._max_decode)
+        new_blocks: dict[int, tuple[int, ...]] = {}
+        due = st.due()
+        if due:
+            slots, block_size, kv = self._slots, self.kv.block_size, self.kv
+            due = [(bisect_left(seqs, req.admit_seq), req) for req in due]
+            due = [(i, req) for i, req in due if i < n]
+            if len(due) > kv.num_free_blocks:  # the plain loop would stop at the first that fails
+                n = due[kv.num_free_blocks][0]
+                due = due[:kv.num_free_blocks]
+            for (i, req), block in zip(due, kv.append_blocks([req.request_id for _, req in due])):
+                new_blocks[i] = (block,)
                 rid = req.request_id
                 slots[rid] = room = slots[rid] + block_size
-                st.got_block(req, index, room)
-            full = []
-            done = n_decode = n_members
-            budget -= n_members
-            skip_decodes = n_decode >= max_decode
-        visit, vi, n_visit = others, 0, len(others)
-        fi, n_full = 0, len(full)
-        while True:
-            if fi < n_full and (vi >= n_visit or full[fi].admit_seq < visit[vi].admit_seq):
-                req = full[fi]
-                fi += 1
-            elif vi < n_visit:
-                req = visit[vi]
-                vi += 1
-            else:
-                break
-            seq = req.admit_seq
-            between = bisect_left(seqs, seq) - done
-            if between:
-                take = 0 if skip_decodes else min(between, max_decode - n_decode, max(budget, 0))
-                done += take
-                budget -= take
-                n_decode += take
-                skip_decodes = n_decode >= max_decode
-                if take < between:
-                    stop_seq = seqs[done]
-                    break
-            if budget <= 0:
-                stop_seq = seq
-                break
-            rid = req.request_id
-            if rid in st:  # a member whose blocks are full: one more block, then on as before
-                if skip_decodes:
-                    stop_seq = seq
-                    break
-                block = append_block(rid)
-                if block is None:
-                    stop_seq = seq
-                    break
-                new_blocks_of[done] = (block,)
-                slots[rid] = room = slots[rid] + block_size
-                st.got_block(req, done, room)
-                budget -= 1
-                n_decode += 1
-                skip_decodes = n_decode >= max_decode
-                done += 1
-            elif req not in ready or not skip_decodes:
-                start = req.num_computed_tokens
-                total = req.num_tokens
-                is_decode = total - start == 1 and start >= req.num_prompt_tokens
-                if not (skip_decodes if is_decode else skip_prefills):
-                    end = min(total, start + budget)
-                    new_blocks: tuple[int, ...] | None = ()
-                    if end > slots[rid]:
-                        new_blocks = self._allocate(rid, end)
-                        if new_blocks is None:
-                            stop_seq = seq
-                            break
-                    other_rows.append((seq, (rid, start, req.token_slice(start, end), new_blocks, False,
-                                             end == total)))
-                    budget -= end - start
-                    if is_decode:
-                        n_decode += 1
-                        skip_decodes = n_decode >= max_decode
-                    else:
-                        n_prefill += 1
-                        skip_prefills = n_prefill >= max_prefill
-            if skip_decodes and done == n_members and visit is others:
-                # Decodes are capped and every member is placed: only non-decodes can still run.
-                visit = list(filterfalse(ready.__contains__, others[vi:]))
-                vi, n_visit = 0, len(visit)
-        if stop_seq < 0 and done < n_members:
-            rest = n_members - done
-            take = 0 if skip_decodes else min(rest, max_decode - n_decode, max(budget, 0))
-            done += take
-            budget -= take
-            n_decode += take
-            skip_decodes = n_decode >= max_decode
-            if take < rest:
-                stop_seq = seqs[done]
-        if stop_seq >= 0:
-            # The running index of the request at `stop_seq`: members and others before it.
-            i = bisect_left(seqs, stop_seq) + bisect_left(others, stop_seq, key=_admit_seq)
-            for req in st.leave_from(bisect_left(seqs, stop_seq)):
+                st.got_block(req, i, room)
+        if n < len(seqs):
+            for req in st.leave_from(n):
                 insort(others, req, key=_admit_seq)
-                ready.add(req)
-        else:
-            i = len(self.running)
-        columns = st.columns(new_blocks_of)
-        outside = [row for _, row in other_rows]
-        if other_rows and seqs and other_rows[0][0] < seqs[-1]:
-            # Rows of others among the members' (usually the others all come after them).
-            lists = list(map(list, columns))
-            for j, (seq, row) in enumerate(other_rows):
-                pos = bisect_left(seqs, seq) + j
-                for col, value in zip(lists, row):
-                    col.insert(pos, value)
-            return (tuple(map(tuple, lists)), [], outside), i, budget, n_decode, n_prefill, skip_decodes, skip_prefills
-        return (columns, outside, outside), i, budget, n_decode, n_prefill, skip_decodes, skip_prefills
+        return st.columns(new_blocks), n, n
 
     def _admit(self, req: Request, start: int, now: float) -> None:
         """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
@@ -544,29 +435,28 @@ class Scheduler:
             # Out of the ordinary: write every member's state, then apply the step the plain way.
             for req in st.leave_from(0):
                 insort(self._others, req, key=_admit_seq)
-                self._ready.add(req)
             finished = self._apply(output, result, all_rows, now)
             st.record(result.sampled_token_ids, now)
             return finished
+        # Members that make their last token in this step leave the set and finish the plain way;
+        # their rows come before the others' in the output, in admission order.
+        last_rows = []
+        for req in st.finishing():
+            last_rows.append((req.request_id, st.offsets[st.index(req)] + st.step, _ONE_TOKEN, True))
+            st.leave(req)
+            insort(self._others, req, key=_admit_seq)
         rows = pending[1]
-        finished = self._apply(output, result, [(r[0], r[1], r[2], r[5]) for r in rows], now)
+        finished = self._apply(output, result, last_rows + [(r[0], r[1], r[2], r[5]) for r in rows], now)
         st.record(result.sampled_token_ids, now)
-        requests, running_status, others, ready = self.requests, RequestStatus.RUNNING, self._others, self._ready
-        for row in rows:
-            req = requests.get(row[0])
-            if req is None or req.status is not running_status:
-                continue
-            computed = req.num_computed_tokens
-            if computed == req.num_tokens - 1 and computed >= req.num_prompt_tokens:
-                # A member's next input is the token it sampled in the step before (see `columns`).
-                if row[5] and not req.stop_token_set and req.token_limit - req.num_tokens >= 2:
-                    others.remove(req)
-                    ready.discard(req)
-                    st.join(req, self._slots[row[0]])
-                else:
-                    ready.add(req)
-            else:
-                ready.discard(req)
+        requests, running_status, others, slots = self.requests, RequestStatus.RUNNING, self._others, self._slots
+        for rid, _, _, _, _, samples in rows:
+            req = requests.get(rid)
+            # A member's next input is the token it sampled in the step before (see `columns`).
+            if (samples and req is not None and req.status is running_status and not req.stop_token_set
+                    and req.num_computed_tokens == req.num_tokens - 1 >= req.num_prompt_tokens
+                    and req.token_limit - req.num_tokens >= 2):
+                others.remove(req)
+                st.join(req, slots[rid])
         return finished
 
     def _apply(self, output: SchedulerOutput, result: StepResult, rows, now: float) -> list[Request]:
@@ -626,7 +516,6 @@ class Scheduler:
             self.running.remove(req)
             if self.steady is not None:
                 self._others.remove(req)
-                self._ready.discard(req)
             self._slots.pop(rid, None)
             self.kv.free(rid, now)
             req.num_computed_tokens = 0
@@ -667,7 +556,6 @@ class Scheduler:
                 self.steady.leave(req)
             else:
                 self._others.remove(req)
-                self._ready.discard(req)
         self._slots.pop(rid, None)
         if not (swap and self.swaps and self.kv.swap_out(rid, req.num_computed_tokens, now)):
             self.kv.free(rid, now)
@@ -683,7 +571,6 @@ class Scheduler:
                 self.steady.leave(req)
             else:
                 self._others.remove(req)
-                self._ready.discard(req)
         self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
@@ -693,3 +580,4 @@ class Scheduler:
 
 
 _admit_seq = attrgetter("admit_seq")
+_ONE_TOKEN = (0,)  # `update` reads only the length of a finishing member's row

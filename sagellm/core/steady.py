@@ -30,12 +30,12 @@ class SteadyDecodes:
 
     Contract: `step` counts the updates recorded (`record`); a member that joined at step j0
     with `num_computed_tokens` = c is scheduled at step k with start position `c - j0 + k` and
-    the token it sampled at step k - 1. `join` requires the request's state to be current and
-    arms an event for the first step at which it needs attention (`due`): its block table is full
-    (the scheduler allocates and calls `rearm`) or the step will produce its last token (the
-    scheduler takes it out with `leave` and schedules it the plain way, so `update` finishes it).
-    `materialize`, `leave` and `leave_from` write the deferred tokens, token times and computed
-    count into the `Request` objects. No other side effects; no clock.
+    the token it sampled at step k - 1. `join` requires the request's state to be current; it
+    then needs attention at two kinds of step only: when its block table is full (`due`, at
+    `schedule`: the scheduler gives it a block and calls `got_block`) and at the step that
+    produces its last token (`finishing`, at `update`: the scheduler takes it out and finishes
+    it the plain way). `materialize`, `leave` and `leave_from` write the deferred tokens, token
+    times and computed count into the `Request` objects. No other side effects; no clock.
     """
 
     def __init__(self) -> None:
@@ -46,8 +46,9 @@ class SteadyDecodes:
         self.joined: list[int] = []
         self.reqs: list[Request] = []
         self._finish_at: dict[str, int] = {}  # also the membership test
-        self._event_step: dict[str, int] = {}  # request id -> step of its one pending event
-        self._events: dict[int, list[Request]] = {}  # step -> the members due then
+        self._finishing: dict[int, list[Request]] = {}  # step -> members making their last token
+        self._full_at: dict[str, int] = {}  # request id -> step its table is full (if before its end)
+        self._full: dict[int, list[Request]] = {}  # step -> members whose table is full then
         self._base = 0  # step of _tokens[0], _same[0] and _times[0]
         self._tokens: list[dict[str, int]] = []
         self._same: list[int | None] = []  # the token every request sampled at that step, if one
@@ -61,7 +62,8 @@ class SteadyDecodes:
 
     # ---- membership ----------------------------------------------------------------------
     def join(self, req: Request, slots: int) -> None:
-        """Add a running request that has just sampled and decodes next; `slots` is what its blocks hold."""
+        """Add a running request that has just sampled, decodes next and has at least two tokens
+        to go; `slots` is what its blocks hold."""
         k = self.step
         rid = req.request_id
         offset = req.num_computed_tokens - k
@@ -73,36 +75,26 @@ class SteadyDecodes:
         self.reqs.insert(i, req)
         finish = k + req.token_limit - req.num_tokens - 1
         self._finish_at[rid] = finish
-        self.arm(req, min(finish, slots - offset))
+        _bucket(self._finishing, finish).append(req)
+        self._arm_full(req, slots - offset)
 
     def got_block(self, req: Request, index: int, slots: int) -> None:
-        """Member `index` got one more block at this step (`due` listed it): arm its next event,
-        its last token or its next full table."""
-        self.arm(req, min(self._finish_at[req.request_id], slots - self.offsets[index]))
+        """Member `index`, listed by `due`, got one more block at this step."""
+        del self._full_at[req.request_id]
+        self._arm_full(req, slots - self.offsets[index])
 
-    def arm(self, req: Request, step: int) -> None:
-        """Make `due` return the member at `step`; its earlier event must have passed."""
-        self._event_step[req.request_id] = step
-        bucket = self._events.get(step)
-        if bucket is None:
-            self._events[step] = [req]
-        else:
-            bucket.append(req)
+    def _arm_full(self, req: Request, step: int) -> None:
+        if step <= self._finish_at[req.request_id]:
+            self._full_at[req.request_id] = step
+            _bucket(self._full, step).append(req)
 
-    def due(self) -> tuple[list[Request], list[Request]]:
-        """Members that need attention at this step: (those whose last token it makes, those
-        whose blocks are full), each in admission order."""
-        k = self.step
-        live = self._events.pop(k, None)
-        if not live:
-            return [], []
-        if len(live) > 1:
-            live.sort(key=_admit_seq)
-        finish_at = self._finish_at
-        finishing = [r for r in live if finish_at[r.request_id] == k]
-        if not finishing:
-            return [], live
-        return finishing, [r for r in live if finish_at[r.request_id] != k]
+    def due(self) -> list[Request]:
+        """Members whose block table is full at this step, in admission order."""
+        return _take_sorted(self._full, self.step)
+
+    def finishing(self) -> list[Request]:
+        """Members that make their last token at this step, in admission order."""
+        return _take_sorted(self._finishing, self.step)
 
     def index(self, req: Request) -> int:
         return bisect_left(self.seqs, req.admit_seq)
@@ -122,12 +114,15 @@ class SteadyDecodes:
         return gone
 
     def _remove(self, i: int, j: int) -> None:
-        events = self._events
         for req in self.reqs[i:j]:
             rid = req.request_id
-            del self._finish_at[rid]
-            bucket = events.get(self._event_step.pop(rid))
-            if bucket is not None:  # None: `due` has handed this step's bucket out already
+            # A bucket already handed out (`due`, `finishing`) is gone from its dict.
+            bucket = self._finishing.get(self._finish_at.pop(rid))
+            if bucket is not None:
+                bucket.remove(req)
+            full = self._full_at.pop(rid, None)
+            bucket = None if full is None else self._full.get(full)
+            if bucket is not None:
                 bucket.remove(req)
         del self.seqs[i:j], self.ids[i:j], self.offsets[i:j], self.joined[i:j], self.reqs[i:j]
 
@@ -193,3 +188,20 @@ class SteadyDecodes:
 
 
 _admit_seq = attrgetter("admit_seq")
+
+
+def _take_sorted(buckets: dict[int, list[Request]], step: int) -> list[Request]:
+    """Remove and return the bucket of `step`, in admission order."""
+    bucket = buckets.pop(step, None)
+    if bucket is None:
+        return []
+    if len(bucket) > 1:
+        bucket.sort(key=_admit_seq)
+    return bucket
+
+
+def _bucket(buckets: dict[int, list[Request]], step: int) -> list[Request]:
+    bucket = buckets.get(step)
+    if bucket is None:
+        bucket = buckets[step] = []
+    return bucket
