@@ -114,3 +114,17 @@ def test_deferred_decodes_are_off_where_they_cannot_apply():
     assert Scheduler(kv, SchedulerLimits(), deferred_decodes=True).steady is None
     assert Scheduler(KVCacheManager(16, 4), SchedulerLimits(time_share=True), deferred_decodes=True).steady is None
     assert Scheduler(KVCacheManager(16, 4), SchedulerLimits(), deferred_decodes=False).steady is None
+
+
+def test_append_blocks_hands_out_what_one_at_a_time_would_and_is_all_or_nothing():
+    one, bulk = KVCacheManager(6, 4), KVCacheManager(6, 4)
+    for kv in (one, bulk):
+        kv.allocate_slots("a", 4)
+        kv.allocate_slots("b", 4)
+    one.allocate_slots("b", 8)
+    one.allocate_slots("a", 8)
+    assert bulk.append_blocks(["b", "a"]) == [2, 3]
+    assert bulk.block_table("a") == one.block_table("a") and bulk.block_table("b") == one.block_table("b")
+    assert bulk.append_blocks(["a", "b", "a"]) is None  # 2 free, 3 asked: nothing changes
+    assert bulk.num_free_blocks == 2 and bulk.block_table("a") == one.block_table("a")
+    bulk.check_invariants()

@@ -75,18 +75,6 @@ class BlockPool:
             del self.evictable[block_id]
         self._ref_counts[block_id] = count + 1
 
-    def allocate_one(self) -> int | None:
-        """`allocate(1)` for one block id, or None."""
-        free = self._free
-        if free:
-            b = free.popleft()
-        elif self.evictable:
-            b = self.evict_one()
-        else:
-            return None
-        self._ref_counts[b] = 1
-        return b
-
     def release(self, block_ids: list[int], now: float = 0.0) -> None:
         """Drop one reference to each block; `now` stamps blocks that become evictable."""
         refs, free, hashed = self._ref_counts, self._free, self.block_hash

@@ -95,17 +95,10 @@ class KVCacheManager:
         self._tables.setdefault(request_id, []).extend(new_blocks)
         return new_blocks
 
-    def append_block(self, request_id: str) -> int | None:
-        """Add one block to the end of an existing request's table (`allocate_slots` for one more
-        block); returns it, or None (nothing changes) when no block is available."""
-        block = self.pool.allocate_one()
-        if block is not None:
-            self._tables[request_id].append(block)
-        return block
-
     def append_blocks(self, request_ids: list[str]) -> list[int] | None:
-        """`append_block` for each request in turn, all or nothing: the blocks, or None (nothing
-        changes) when fewer are available."""
+        """One more block at the end of each request's existing table, handed out in the order of
+        `request_ids` (as `allocate_slots` one at a time would); all or nothing: the blocks, or None
+        (nothing changes) when fewer are available."""
         blocks = self.pool.allocate(len(request_ids))
         if blocks is not None:
             tables = self._tables
