@@ -21,7 +21,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
-from operator import add, attrgetter
+from operator import add
 
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
@@ -29,7 +29,7 @@ from sagellm.core.kv.tiers import RECEIVE, KVOp
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.pd import InferenceMode
 from sagellm.core.request import Request, RequestStatus
-from sagellm.core.steady import SteadyDecodes
+from sagellm.core.steady import SteadyDecodes, by_admission
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,8 @@ class Scheduler:
         i = 0
         head = None
         if self.steady is not None and prefill_phase is None:
-            head, i, n_decode = self._steady_head()
+            head, n_decode = self._steady_head()
+            i = n_decode
             budget -= n_decode
             skip_decodes = n_decode >= max_decode
         for req in running[i:] if i else running:
@@ -375,15 +376,15 @@ class Scheduler:
             skip_prefills = n_prefill >= max_prefill
         return head, rows, preempted, receives
 
-    def _steady_head(self) -> tuple[tuple, int, int]:
+    def _steady_head(self) -> tuple[tuple, int]:
         """The first loop of `_rows` for the steady decodes at the front of `running` (deferred mode).
 
         The plain loop gives each of them one token and, when its table is full, one block, in
         admission order. That is done here in bulk for the members admitted before every other
         running request, up to the budget and the decode cap, stopping at the first member a block
         cannot be found for. The members after that point leave the set, so that the plain loop
-        can go on from there. Returns (the members' columns, the running index reached, the
-        number of members scheduled).
+        can go on from there. Returns (the members' columns, the number of members scheduled,
+        which is also the running index the plain loop goes on from).
         """
         st = self.steady
         seqs, others = st.seqs, self._others
@@ -393,8 +394,7 @@ class Scheduler:
         due = st.due()
         if due:
             slots, block_size, kv = self._slots, self.kv.block_size, self.kv
-            due = [(bisect_left(seqs, req.admit_seq), req) for req in due]
-            due = [(i, req) for i, req in due if i < n]
+            due = [(i, req) for req in due if (i := bisect_left(seqs, req.admit_seq)) < n]
             if len(due) > kv.num_free_blocks:  # the plain loop would stop at the first that fails
                 n = due[kv.num_free_blocks][0]
                 due = due[:kv.num_free_blocks]
@@ -404,9 +404,8 @@ class Scheduler:
                 slots[rid] = room = slots[rid] + block_size
                 st.got_block(req, i, room)
         if n < len(seqs):
-            for req in st.leave_from(n):
-                insort(others, req, key=_admit_seq)
-        return st.columns(new_blocks), n, n
+            self._to_others(st.leave_from(n))
+        return st.columns(new_blocks), n
 
     def _admit(self, req: Request, start: int, now: float) -> None:
         """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
@@ -433,8 +432,7 @@ class Scheduler:
         if (pending is None or pending[0] is not output or result.failed_request_ids or result.failed_blocks
                 or (stopped and any(rid in st for rid in stopped))):
             # Out of the ordinary: write every member's state, then apply the step the plain way.
-            for req in st.leave_from(0):
-                insort(self._others, req, key=_admit_seq)
+            self._to_others(st.leave_from(0))
             finished = self._apply(output, result, all_rows, now)
             st.record(result.sampled_token_ids, now)
             return finished
@@ -444,7 +442,7 @@ class Scheduler:
         for req in st.finishing():
             last_rows.append((req.request_id, st.offsets[st.index(req)] + st.step, _ONE_TOKEN, True))
             st.leave(req)
-            insort(self._others, req, key=_admit_seq)
+            self._to_others((req,))
         rows = pending[1]
         finished = self._apply(output, result, last_rows + [(r[0], r[1], r[2], r[5]) for r in rows], now)
         st.record(result.sampled_token_ids, now)
@@ -552,10 +550,7 @@ class Scheduler:
         (granularity REQUEST, when DDR has room) or to be recomputed."""
         rid = req.request_id
         if self.steady is not None:
-            if rid in self.steady:
-                self.steady.leave(req)
-            else:
-                self._others.remove(req)
+            self._leave_running_sets(req)
         self._slots.pop(rid, None)
         if not (swap and self.swaps and self.kv.swap_out(rid, req.num_computed_tokens, now)):
             self.kv.free(rid, now)
@@ -565,12 +560,21 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def _to_others(self, reqs) -> None:
+        """Deferred mode: running requests that just left the steady set join `_others`, in order."""
+        for req in reqs:
+            insort(self._others, req, key=by_admission)
+
+    def _leave_running_sets(self, req: Request) -> None:
+        """Deferred mode: a request leaving `running` leaves the steady set (its state written) or `_others`."""
+        if req.request_id in self.steady:
+            self.steady.leave(req)
+        else:
+            self._others.remove(req)
+
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         if self.steady is not None and req.status is RequestStatus.RUNNING:
-            if req.request_id in self.steady:
-                self.steady.leave(req)
-            else:
-                self._others.remove(req)
+            self._leave_running_sets(req)
         self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
@@ -579,5 +583,4 @@ class Scheduler:
         self._finished_since_last_step.append(req.request_id)
 
 
-_admit_seq = attrgetter("admit_seq")
 _ONE_TOKEN = (0,)  # `update` reads only the length of a finishing member's row

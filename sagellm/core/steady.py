@@ -75,7 +75,7 @@ class SteadyDecodes:
         self.reqs.insert(i, req)
         finish = k + req.token_limit - req.num_tokens - 1
         self._finish_at[rid] = finish
-        _bucket(self._finishing, finish).append(req)
+        self._finishing.setdefault(finish, []).append(req)
         self._arm_full(req, slots - offset)
 
     def got_block(self, req: Request, index: int, slots: int) -> None:
@@ -86,7 +86,7 @@ class SteadyDecodes:
     def _arm_full(self, req: Request, step: int) -> None:
         if step <= self._finish_at[req.request_id]:
             self._full_at[req.request_id] = step
-            _bucket(self._full, step).append(req)
+            self._full.setdefault(step, []).append(req)
 
     def due(self) -> list[Request]:
         """Members whose block table is full at this step, in admission order."""
@@ -116,14 +116,8 @@ class SteadyDecodes:
     def _remove(self, i: int, j: int) -> None:
         for req in self.reqs[i:j]:
             rid = req.request_id
-            # A bucket already handed out (`due`, `finishing`) is gone from its dict.
-            bucket = self._finishing.get(self._finish_at.pop(rid))
-            if bucket is not None:
-                bucket.remove(req)
-            full = self._full_at.pop(rid, None)
-            bucket = None if full is None else self._full.get(full)
-            if bucket is not None:
-                bucket.remove(req)
+            _unbucket(self._finishing, self._finish_at.pop(rid), req)
+            _unbucket(self._full, self._full_at.pop(rid, None), req)
         del self.seqs[i:j], self.ids[i:j], self.offsets[i:j], self.joined[i:j], self.reqs[i:j]
 
     def materialize(self, i: int) -> None:
@@ -187,7 +181,7 @@ class SteadyDecodes:
                 self._base += keep
 
 
-_admit_seq = attrgetter("admit_seq")
+by_admission = attrgetter("admit_seq")  # sort key: running requests are in this order
 
 
 def _take_sorted(buckets: dict[int, list[Request]], step: int) -> list[Request]:
@@ -196,12 +190,12 @@ def _take_sorted(buckets: dict[int, list[Request]], step: int) -> list[Request]:
     if bucket is None:
         return []
     if len(bucket) > 1:
-        bucket.sort(key=_admit_seq)
+        bucket.sort(key=by_admission)
     return bucket
 
 
-def _bucket(buckets: dict[int, list[Request]], step: int) -> list[Request]:
+def _unbucket(buckets: dict[int, list[Request]], step: int | None, req: Request) -> None:
+    """Take `req` out of the bucket of `step`; a bucket already handed out is gone from `buckets`."""
     bucket = buckets.get(step)
-    if bucket is None:
-        bucket = buckets[step] = []
-    return bucket
+    if bucket is not None:
+        bucket.remove(req)
