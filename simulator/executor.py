@@ -34,7 +34,9 @@ class PredictedExecutor:
         self.transfer_seconds = 0.0
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        sampled = dict.fromkeys(compress(out.request_ids, out.samples), self.token_id)
+        ids, batch = out.request_ids, out.batch
+        every_row_samples = batch[3] == len(ids) if batch is not None else False not in out.samples
+        sampled = dict.fromkeys(ids if every_row_samples else compress(ids, out.samples), self.token_id)
         duration = self.cost_model.step_time(out)
         if out.kv_ops:
             file_copies, other = self.kv_ops_time(out)

@@ -134,7 +134,7 @@ class Simulation:
                     if not arrivals.is_alive and all(r.is_sleeping for r in self.replicas):
                         break  # nothing can happen any more (see Replica's guard)
                     self.env.run(until=self.env.now + 10.0)
-                    bar.update(len(self.collector.records) - bar.n)
+                    bar.update(self.collector.num_records - bar.n)
         wall = time.perf_counter() - started
         records = self.collector.records
         unfinished = self._num_outstanding()

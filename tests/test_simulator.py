@@ -6,14 +6,17 @@ import filecmp
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core.outputs import StepResult
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
 from sagellm.graph import BatchShape
-from sagellm.metrics import RequestRecord
+from sagellm.metrics import MetricsCollector, RequestRecord
 from sagellm.metrics.io import write_run
+from sagellm.metrics.records import inter_token_gaps
 from simulator.build import build_scheduler
 from simulator.config import SimulationConfig
 from simulator.cost.base import ConstantCostModel
@@ -289,3 +292,23 @@ def test_progress_bar_run_ends_and_matches_the_plain_run():
     plain = Simulation(_config()).run()
     with_bar = Simulation(_config()).run(progress=True)
     assert [r.to_dict() for r in with_bar.records] == [r.to_dict() for r in plain.records]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 100, allow_nan=False), max_size=6), max_size=12),
+       st.sampled_from([1, 2, 3, 1024]))
+def test_collector_bulk_records_equal_one_by_one_records(token_times, flush_every):
+    """The collector computes records and inter-token gaps in bulk; they are exactly the
+    one-request-at-a-time values, whatever the batch boundaries and however many tokens each has."""
+    collector = MetricsCollector()
+    collector.FLUSH_EVERY = flush_every
+    reqs = []
+    for i, times in enumerate(token_times):
+        req = Request(f"r{i}", [1, 2, 3], SamplingParams(max_new_tokens=50), 0.5 * i)
+        req.token_times = sorted(times)
+        req.output_token_ids = [7] * len(times)
+        reqs.append(req)
+        collector.add(req, i % 3)
+    assert collector.num_records == len(reqs)
+    assert collector.records == [RequestRecord.from_request(r, i % 3) for i, r in enumerate(reqs)]
+    assert list(collector.inter_token_latencies) == [g for r in reqs for g in inter_token_gaps(r.token_times)]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sagellm.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerLimits, StepResult
 from sagellm.core.kv.tiers import KVGranularity, KVPolicy
+from sagellm.core.outputs import batch_totals
 from sagellm.core.request import RequestStatus
 
 
@@ -66,6 +67,9 @@ def test_deferred_decodes_make_the_plain_schedulers_decisions(seed, num_blocks, 
             assert _snapshot(a) == _snapshot(b)
         out_p, out_d = plain.schedule(now), deferred.schedule(now)
         assert out_p.to_dict() == out_d.to_dict(), f"step {t}"
+        # The deferred scheduler's own batch totals equal a count over the columns.
+        columns_totals = batch_totals(out_d.start_positions, out_d.token_ids, out_d.samples)
+        assert out_p.batch is None and out_d.batch == columns_totals, f"step {t}"
         samplers = [rid for rid, s in zip(out_p.request_ids, out_p.samples) if s]
         token = rng.randrange(1, 8)
         sampled = {rid: (token if constant_tokens else rng.randrange(1, 8)) for rid in samplers}

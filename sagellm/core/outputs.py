@@ -62,6 +62,11 @@ class SchedulerOutput:
     run, in order, before the step's forward pass. `handoff_ids` (prefill-only workers) are the
     requests whose prompt completes in this step: the executor exports their KV for a decode
     worker. Construction checks that the columns have equal lengths.
+
+    `batch`, when the scheduler filled it in, is `batch_totals` of the columns, kept from the
+    running sums the scheduler already has (its steady decodes), so that a cost model need not pass
+    over the columns again. It is derived data: left out of equality, `to_dict` and `repr`, and
+    None in an output built by hand.
     """
 
     step_id: int
@@ -75,6 +80,7 @@ class SchedulerOutput:
     finished_ids: tuple[str, ...] = ()
     kv_ops: tuple[KVOp, ...] = ()
     handoff_ids: tuple[str, ...] = ()
+    batch: tuple[int, int, int, int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
@@ -150,6 +156,41 @@ class SchedulerOutput:
             "kv_ops": [op.to_dict() for op in self.kv_ops],
             "handoff_ids": list(self.handoff_ids),
         }
+
+
+def batch_totals(start_positions: tuple[int, ...] | list[int], token_ids: tuple[tuple[int, ...], ...] | list,
+                 samples: tuple[bool, ...] | list[bool]) -> tuple[int, int, int, int, int, int]:
+    """The fields of `sagellm.graph.BatchShape` for these columns of a step: (new tokens, requests,
+    one-token decodes after a non-empty context, rows that sample, causal (query, key) pairs,
+    context tokens attended to).
+
+    Written with C-level passes (`map`, `sum`, `count`) plus one comprehension that keeps the
+    multi-token chunks, because the simulator calls it every step with mostly one-token decodes.
+    """
+    starts = start_positions
+    lens = list(map(len, token_ids))
+    n_seqs = len(lens)
+    tokens = sum(lens)
+    s = sum(starts)
+    ctx = s + tokens
+    zeros = starts.count(0)
+    if tokens == n_seqs:  # one token each
+        return tokens, n_seqs, n_seqs - zeros, sum(samples), ctx, ctx
+    chunks = [(n, c) for n, c in zip(lens, starts) if n > 1]
+    # one-token entries contribute c + 1 pairs each; chunks n*c + n*(n+1)/2
+    pairs = s + (n_seqs - len(chunks))
+    for n, c in chunks:
+        pairs += n * c + n * (n + 1) // 2 - c
+        if c == 0:
+            zeros -= 1
+    return tokens, n_seqs, n_seqs - len(chunks) - zeros, sum(samples), pairs, ctx
+
+
+def decode_totals(num_decodes: int, start_sum: int) -> tuple[int, int, int, int, int, int]:
+    """`batch_totals` of `num_decodes` one-token, sampling decodes whose start positions (all > 0)
+    add up to `start_sum`, without the columns."""
+    ctx = start_sum + num_decodes
+    return num_decodes, num_decodes, num_decodes, num_decodes, ctx, ctx
 
 
 @dataclass(frozen=True)

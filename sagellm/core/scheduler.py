@@ -26,7 +26,7 @@ from operator import add
 from sagellm.core.kv.hashing import extend_block_hashes, root_hash
 from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.kv.tiers import RECEIVE, KVOp
-from sagellm.core.outputs import SchedulerOutput, StepResult
+from sagellm.core.outputs import SchedulerOutput, StepResult, batch_totals, decode_totals
 from sagellm.core.pd import InferenceMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.steady import SteadyDecodes, by_admission
@@ -178,8 +178,16 @@ class Scheduler:
             # After admissions, so that a prefix about to be reused is not demoted first.
             kv.step_begin(now)
         self._step_id += 1
+        batch = None
         if head is not None:
-            columns = tuple(map(add, head, zip(*rows))) if rows else head
+            # The steady members' totals come from a running sum; only the other rows are counted.
+            batch = decode_totals(len(head[0]), self.steady.start_sum())
+            if rows:
+                tail = tuple(zip(*rows))
+                columns = tuple(map(add, head, tail))
+                batch = tuple(map(add, batch, batch_totals(tail[1], tail[2], tail[5])))
+            else:
+                columns = head
         else:
             columns = tuple(zip(*rows)) if rows else ((),) * 6
         if self._failed_since_last_step:
@@ -191,7 +199,7 @@ class Scheduler:
         handoffs = tuple(r[0] for r in rows if r[5]) if self.prefill_only else ()
         out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
                               finished_ids=tuple(self._finished_since_last_step), kv_ops=ops,
-                              handoff_ids=handoffs)
+                              handoff_ids=handoffs, batch=batch)
         self._finished_since_last_step = []
         if head is not None:
             self._pending = (out, rows)

@@ -45,6 +45,8 @@ class SteadyDecodes:
         self.offsets: list[int] = []  # start position at step k is offset + k
         self.joined: list[int] = []
         self.reqs: list[Request] = []
+        self._offset_sum = 0
+        self._ids: tuple[str, ...] | None = None  # tuple(ids), kept until membership changes
         self._finish_at: dict[str, int] = {}  # also the membership test
         self._finishing: dict[int, list[Request]] = {}  # step -> members making their last token
         self._full_at: dict[str, int] = {}  # request id -> step its table is full (if before its end)
@@ -73,6 +75,8 @@ class SteadyDecodes:
         self.offsets.insert(i, offset)
         self.joined.insert(i, k)
         self.reqs.insert(i, req)
+        self._offset_sum += offset
+        self._ids = None
         finish = k + req.token_limit - req.num_tokens - 1
         self._finish_at[rid] = finish
         self._finishing.setdefault(finish, []).append(req)
@@ -118,6 +122,8 @@ class SteadyDecodes:
             rid = req.request_id
             _unbucket(self._finishing, self._finish_at.pop(rid), req)
             _unbucket(self._full, self._full_at.pop(rid, None), req)
+        self._offset_sum -= sum(self.offsets[i:j])
+        self._ids = None
         del self.seqs[i:j], self.ids[i:j], self.offsets[i:j], self.joined[i:j], self.reqs[i:j]
 
     def materialize(self, i: int) -> None:
@@ -139,6 +145,10 @@ class SteadyDecodes:
             self.materialize(i)
 
     # ---- one step ------------------------------------------------------------------------
+    def start_sum(self) -> int:
+        """The members' start positions at this step, added up (their context before the step)."""
+        return self._offset_sum + len(self.ids) * self.step
+
     def columns(self, new_blocks: dict[int, tuple[int, ...]]) -> tuple[tuple, tuple, tuple, tuple, tuple, tuple]:
         """The members' rows of this step as six columns in admission order (request ids, start
         positions, token ids, new blocks, resets, samples); `new_blocks` maps a member's index to
@@ -146,7 +156,9 @@ class SteadyDecodes:
         n = len(self.ids)
         if not n:
             return (), (), (), (), (), ()
-        ids = self.ids
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = tuple(self.ids)
         same = self._same[-1]
         if same is not None:
             tokens = ((same,),) * n
@@ -164,7 +176,7 @@ class SteadyDecodes:
             blocks = tuple(blocks_list)
         else:
             blocks = ((),) * n
-        return (tuple(ids), tuple(map(add, self.offsets, repeat(self.step, n))), tokens, blocks,
+        return (ids, tuple(map(add, self.offsets, repeat(self.step, n))), tokens, blocks,
                 (False,) * n, (True,) * n)
 
     def record(self, sampled: dict[str, int], now: float) -> None:

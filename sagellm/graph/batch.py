@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sagellm.core.outputs import SchedulerOutput
+from sagellm.core.outputs import SchedulerOutput, batch_totals
 
 
 @dataclass(frozen=True)
@@ -49,25 +49,9 @@ class BatchShape:
 
 
 def batch_vector(out: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
-    """The fields of `BatchShape.from_output(out)` as a tuple, without building the object.
-
-    Written with C-level passes (`map`, `sum`, `count`) plus one comprehension that keeps the
-    multi-token chunks, because the simulator calls it every step with mostly one-token decodes.
-    """
-    starts = out.start_positions
-    lens = list(map(len, out.token_ids))
-    n_seqs = len(lens)
-    tokens = sum(lens)
-    s = sum(starts)
-    ctx = s + tokens
-    zeros = starts.count(0)
-    if tokens == n_seqs:  # one token each
-        return tokens, n_seqs, n_seqs - zeros, sum(out.samples), ctx, ctx
-    chunks = [(n, c) for n, c in zip(lens, starts) if n > 1]
-    # one-token entries contribute c + 1 pairs each; chunks n*c + n*(n+1)/2
-    pairs = s + (n_seqs - len(chunks))
-    for n, c in chunks:
-        pairs += n * c + n * (n + 1) // 2 - c
-        if c == 0:
-            zeros -= 1
-    return tokens, n_seqs, n_seqs - len(chunks) - zeros, sum(out.samples), pairs, ctx
+    """The fields of `BatchShape.from_output(out)` as a tuple, without building the object: the
+    scheduler's own totals when it filled in `out.batch`, else `batch_totals` of the columns."""
+    b = out.batch
+    if b is not None:
+        return b
+    return batch_totals(out.start_positions, out.token_ids, out.samples)

@@ -37,14 +37,17 @@ class RequestRecord:
     itl_max: float | None
 
     @classmethod
-    def from_request(cls, req: Request, replica: int = 0, gaps: list[float] | None = None) -> RequestRecord:
-        """The record of `req`; `gaps` may pass its inter-token latencies if already computed."""
+    def from_request(cls, req: Request, replica: int = 0, gaps: list[float] | None = None,
+                     itl_max: float | None = None) -> RequestRecord:
+        """The record of `req`; `gaps` may pass its inter-token latencies, or `itl_max` their
+        maximum, if already computed."""
         t = req.token_times
         arrival = req.arrival_time
         n = len(t)
-        if gaps is None and n > 1:
-            gaps = inter_token_gaps(t)
-        itl_max = max(gaps) if n > 1 else None
+        if n < 2:
+            itl_max = None
+        elif itl_max is None:
+            itl_max = max(inter_token_gaps(t) if gaps is None else gaps)
         return cls(
             request_id=req.request_id,
             replica=replica,
@@ -87,25 +90,73 @@ def inter_token_gaps(token_times: list[float]) -> list[float]:
 class MetricsCollector:
     """Accumulates finished requests' records and every inter-token latency of a run.
 
-    Side effect of `add`: reads the request's token times (it does not modify the request).
+    `add` keeps a reference to the finished request and copies its token times into one flat
+    array; the records and the gaps between tokens are computed in bulk (numpy) for up to
+    `FLUSH_EVERY` requests at a time, when that many are pending or when `records` or
+    `inter_token_latencies` is read. The values are those of `RequestRecord.from_request`
+    (the same float subtractions), at a fraction of the per-request cost. Side effects of `add`:
+    none on the request (it must not change after it is added: a finished request does not).
     `kv_usage` collects (time, fraction of KV blocks in use, running, waiting) samples via
     `sample_kv`, keeping one sample per `kv_sample_interval` seconds of the run's clock.
     """
 
+    FLUSH_EVERY = 1024
+
     def __init__(self, kv_sample_interval: float = 0.0) -> None:
-        self.records: list[RequestRecord] = []
-        self.inter_token_latencies = array("d")
+        self._records: list[RequestRecord] = []
+        self._itl = array("d")
+        self._pending: list[tuple[Request, int]] = []
+        self._pending_times = array("d")
         self.kv_usage: list[tuple[float, float, int, int]] = []
         self.kv_sample_interval = kv_sample_interval
         self._next_kv_sample = float("-inf")
 
-    def add(self, req: Request, replica: int = 0) -> RequestRecord:
-        gaps = inter_token_gaps(req.token_times)
-        rec = RequestRecord.from_request(req, replica, gaps)
-        self.records.append(rec)
-        self.inter_token_latencies.extend(gaps)
-        return rec
+    @property
+    def records(self) -> list[RequestRecord]:
+        """Every added request's record, in the order added."""
+        if self._pending:
+            self._flush()
+        return self._records
 
+    @property
+    def inter_token_latencies(self) -> array:
+        """Every gap between two consecutive output tokens of the added requests, request by request."""
+        if self._pending:
+            self._flush()
+        return self._itl
+
+    @property
+    def num_records(self) -> int:
+        return len(self._records) + len(self._pending)
+
+    def add(self, req: Request, replica: int = 0) -> None:
+        self._pending.append((req, replica))
+        self._pending_times.extend(req.token_times)
+        if len(self._pending) >= self.FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        pending, times = self._pending, self._pending_times
+        counts = np.fromiter((len(req.token_times) for req, _ in pending), dtype=np.int64, count=len(pending))
+        diffs = np.diff(np.frombuffer(times, dtype=np.float64))
+        # diffs[k] is times[k + 1] - times[k]; drop the ones that cross from one request to the next.
+        ends = np.cumsum(counts)
+        keep = np.ones(len(diffs), dtype=bool)
+        crossing = ends[:-1] - 1
+        keep[crossing[(crossing >= 0) & (crossing < len(diffs))]] = False
+        gaps = diffs[keep]
+        self._itl.frombytes(gaps.tobytes())
+        many = counts > 1
+        firsts = np.cumsum(np.maximum(counts - 1, 0)) - (counts - 1)  # each request's first gap in `gaps`
+        maxima = np.maximum.reduceat(gaps, firsts[many]).tolist() if many.any() else []
+        records = self._records
+        it = iter(maxima)
+        for (req, replica), n in zip(pending, counts.tolist()):
+            records.append(RequestRecord.from_request(req, replica, itl_max=next(it) if n > 1 else None))
+        self._pending = []
+        self._pending_times = array("d")
     def sample_kv(self, now: float, usage: float, running: int, waiting: int) -> None:
         if now >= self._next_kv_sample:
             self.kv_usage.append((now, usage, running, waiting))
