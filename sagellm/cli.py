@@ -139,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the in-situ steps on N engines at once, as a cluster of N workers competes for "
                         "the cores (e.g. 2 for a one-thread profile used by two-worker clusters); default 1")
     c.add_argument("--in-situ-requests", type=int, default=48, metavar="N",
-                   help="requests of the in-situ serving run (Poisson at 1.2 req/s); default 48")
+                   help="requests of the in-situ serving run; default 48")
     c.add_argument("--in-situ-runs", type=int, default=1, metavar="N",
                    help="in-situ serving runs (different seeds, each between two speed probes); default 1")
+    c.add_argument("--in-situ-rate", type=float, default=1.2, metavar="REQ_PER_S",
+                   help="Poisson rate of the in-situ serving run; default 1.2")
+    c.add_argument("--in-situ-mode", choices=("hybrid", "time_share", "strict"), default=None,
+                   help="with --in-situ: serve under this schedule mode and store its own serving factors, "
+                        "which simulations of that mode use (strict: the config's prefill and decode workers); "
+                        "default hybrid (the profile's default factors)")
     c.add_argument("--output-dir", help="where to write the profile (default simulator/hardware/profiles)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--refit", metavar="PROFILE.json", help="fit an existing profile again from its samples (no timing)")

@@ -80,13 +80,18 @@ def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int,
 
 def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, base_dir: Path = Path(".")
                      ) -> tuple[CostModel, HardwareSpec | None]:
-    """(cost model, roofline spec or None for a calibrated profile of this machine)."""
+    """(cost model, roofline spec or None for a calibrated profile of this machine). A profile
+    prices serving steps with the serving factors timed under the config's schedule mode, if it
+    has them (`ProfiledCostModel.use_mode`)."""
     from simulator.cost.profiled import ProfiledCostModel, find_local_profile, model_key
 
     dtype = sagellm.model.dtype
+    mode = sagellm.scheduler.schedule_mode.value
     if hardware == "local":
         threads = sagellm.backend.num_threads
-        return ProfiledCostModel.load(find_local_profile(shape, dtype, threads=threads)), None
+        model = ProfiledCostModel.load(find_local_profile(shape, dtype, threads=threads))
+        model.use_mode(mode)
+        return model, None
     path = Path(hardware)
     if path.suffix == ".json":
         if not path.is_absolute():
@@ -99,6 +104,7 @@ def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, b
                 f"hardware: profile {path.name} was calibrated for {model_key(model.shape)} in {model.dtype}, "
                 f"but the simulation runs {model_key(shape)} in {dtype}; calibrate that model and dtype"
             )
+        model.use_mode(mode)
         return model, None
     if path.suffix in (".yaml", ".yml") and not path.is_absolute():
         path = base_dir / path

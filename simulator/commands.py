@@ -59,20 +59,30 @@ def _read_samples(path: Path) -> list:
 
 def _refit(path: Path, samples: list, extra_meta: dict | None = None):
     """Fit the profile at `path` again on `samples` (keeping its identity, links and copy costs) and
-    save it with them. Returns (model, report)."""
+    save it with them. Samples of a mode's in-situ run (`mode_of_label`) are not fitted: they give
+    that mode's serving factors, relative to the model fitted on the rest. Returns (model, report)."""
     from simulator.cost.profiled import ProfiledCostModel, read_profile
 
     shape, dtype, doc = read_profile(path)
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
-                                                  "repeats", "cpu_steal", "in_situ", "kv_links")}
+                                                  "repeats", "cpu_steal", "in_situ", "in_situ_by_mode", "kv_links")}
     meta.update(extra_meta or {})
-    model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in samples],
-                                                       [s.median_seconds for s in samples], meta=meta,
-                                                       in_situ=[s.label == "in situ" for s in samples],
-                                                       probe=[s.label.startswith(PROBE_LABEL) for s in samples])
+    base = [s for s in samples if mode_of_label(s.label) is None]
+    model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in base],
+                                                       [s.median_seconds for s in base], meta=meta,
+                                                       in_situ=[s.label == IN_SITU_LABEL for s in base],
+                                                       probe=[s.label.startswith(PROBE_LABEL) for s in base])
     model.copy_bandwidth = doc.get("copy_bandwidth", model.copy_bandwidth)
     model.copy_latency = doc.get("copy_latency", model.copy_latency)
     model.meta["heldout"] = report.__dict__
+    for mode in sorted({mode_of_label(s.label) for s in samples} - {None}):
+        steps = [s for s in samples if s.label == IN_SITU_LABEL + "@" + mode]
+        probe = [s for s in samples if s.label.startswith(f"probe@{mode}: ")]
+        if steps:
+            factors, speed = model.serving_factors_of([s.batch for s in steps], [s.median_seconds for s in steps],
+                                                      [s.batch for s in probe], [s.median_seconds for s in probe])
+            model.mode_serving_factors[mode] = factors
+            model.meta.setdefault("in_situ_by_mode", {}).setdefault(mode, {})["probe_speed"] = speed
     model.save(path, _samples_csv(samples, model))
     return model, report
 
@@ -88,16 +98,30 @@ def cmd_refit(path: Path) -> int:
 
 
 PROBE_LABEL = "probe: "  # a speed-probe shape timed around the in-situ steps (never fitted)
+IN_SITU_LABEL = "in situ"
+IN_SITU_MODES = ("hybrid", "time_share", "strict")
+
+
+def mode_of_label(label: str) -> str | None:
+    """The schedule mode of a sample of a mode's own in-situ run ("in situ@strict",
+    "probe@strict: <shape>"), else None (grid samples, and the default in-situ run's)."""
+    head = label.split(":", 1)[0]
+    if "@" in head and head.split("@", 1)[0] in (IN_SITU_LABEL, "probe"):
+        return head.split("@", 1)[1]
+    return None
 
 
 def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests: int = 48,
-                    runs: int = 1) -> tuple[list, dict]:
-    """Steps of live serving for the serving factors (`measure_in_situ`, `num_requests` requests,
-    `runs` times with different seeds), each run with the speed probe timed before and after it
+                    runs: int = 1, mode: str | None = None, rate: float = 1.2) -> tuple[list, dict]:
+    """Steps of live serving for the serving factors (`measure_in_situ`, `num_requests` requests
+    at `rate` req/s, `runs` times with different seeds), each run with the speed probe timed before and after it
     (labelled `PROBE_LABEL` + shape). They run on
     `engine` when given (one in-process engine), else on `replicas` engines built from
     `engine_config` (a `ClusterEngine` when more than one, so that they compete for the cores as a
-    cluster's workers do). Returns (samples, meta: replicas, CPU stolen by other VMs, time)."""
+    cluster's workers do). With `mode` ("time_share", "strict") the engines run that schedule mode
+    (strict: the config's prefill and decode workers, `replicas` unused) and the samples are
+    labelled "in situ@<mode>" and "probe@<mode>: <shape>". Returns (samples, meta: replicas,
+    CPU stolen by other VMs, time)."""
     from dataclasses import replace
 
     from sagellm.backends.cpu_time import CpuTimes, steal_fraction
@@ -108,22 +132,34 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
         raise ValueError(f"in-situ replicas: must be >= 1, got {replicas}")
     if runs <= 0:
         raise ValueError(f"in-situ runs: must be >= 1, got {runs}")
+    if not rate > 0:
+        raise ValueError(f"in-situ rate: must be > 0 req/s, got {rate}")
+    if mode is not None and mode not in IN_SITU_MODES:
+        raise ValueError(f"in-situ mode: must be one of {IN_SITU_MODES}, got {mode!r}")
+    own_mode = mode not in (None, "hybrid")
+    step_label, probe_label = (f"{IN_SITU_LABEL}@{mode}", f"probe@{mode}: ") if own_mode else (IN_SITU_LABEL,
+                                                                                             PROBE_LABEL)
     own = engine is None
     if own:
-        engine = (SageLLMEngine(engine_config) if replicas == 1
+        if own_mode:
+            engine_config = engine_config.replace(scheduler={"mode": mode})
+        strict = mode == "strict"
+        engine = (SageLLMEngine(engine_config) if replicas == 1 and not strict
                   else ClusterEngine(engine_config, num_replicas=replicas)).initialize()
 
     def probe() -> list:
-        return [replace(s, label=PROBE_LABEL + s.label) for s in engine.probe()]
+        return [replace(s, label=probe_label + s.label) for s in engine.probe()]
 
     try:
         cpu_before = CpuTimes.read()
         samples = []
         for run in range(runs):
             samples += probe()
-            samples += measure_in_situ(engine, num_requests=num_requests, seed=run)
+            samples += [replace(s, label=step_label)
+                        for s in measure_in_situ(engine, num_requests=num_requests, rate=rate, seed=run)]
             samples += probe()
-        meta = {"replicas": replicas, "requests": num_requests, "runs": runs,
+        meta = {"replicas": len(engine.workers) if isinstance(engine, ClusterEngine) else 1,
+                "requests": num_requests, "rate": rate, "runs": runs, "mode": mode or "hybrid",
                 "cpu_steal": steal_fraction(cpu_before, CpuTimes.read()),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
@@ -132,25 +168,47 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
     return samples, meta
 
 
-def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48, runs: int = 1) -> int:
-    """Time the serving steps again (replacing the profile's in-situ samples) and refit its serving
-    factors; the grid samples stay."""
+def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48, runs: int = 1,
+                mode: str | None = None, rate: float = 1.2) -> int:
+    """Time the serving steps again and refit the serving factors; the grid samples stay. Without
+    `mode` (or "hybrid") this replaces the profile's in-situ samples and default serving factors;
+    with "time_share" or "strict" it replaces that mode's own samples and factors only."""
     from simulator.cost.profiled import ProfiledCostModel
 
     old = ProfiledCostModel.load(path)
+    own_mode = mode not in (None, "hybrid")
     engine_config = config.replace(model={"dtype": old.dtype}, backend={"num_threads": old.meta.get("threads")})
-    fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests, runs=runs)
-    samples = [s for s in _read_samples(path) if s.label != "in situ" and not s.label.startswith(PROBE_LABEL)] + fresh
-    model, report = _refit(path, samples, {"in_situ": meta})
+    fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests, runs=runs, mode=mode,
+                                  rate=rate)
+    replaced = {mode} if own_mode else {None}
+    samples = [s for s in _read_samples(path)
+               if mode_of_label(s.label) not in replaced
+               or not (s.label.startswith(IN_SITU_LABEL) or s.label.startswith("probe"))] + fresh
+    if own_mode:
+        by_mode = dict(old.meta.get("in_situ_by_mode") or {})
+        by_mode[mode] = meta
+        model, report = _refit(path, samples, {"in_situ_by_mode": by_mode})
+        speed = model.meta["in_situ_by_mode"][mode]["probe_speed"]
+        before = _mode_factors(old.mode_serving_factors.get(mode))
+        after = _mode_factors(model.mode_serving_factors[mode])
+    else:
+        model, report = _refit(path, samples, {"in_situ": meta})
+        speed, before, after = model.meta["in_situ_probe_speed"], _factors(old), _factors(model)
     steal = "" if meta["cpu_steal"] is None else f", {meta['cpu_steal']:.1%} of the CPU stolen by other VMs"
-    steps = sum(s.label == "in situ" for s in fresh)
-    print(f"{steps} in-situ steps in {runs} run(s) on {replicas} replica(s) of {old.meta.get('threads')} "
-          f"thread(s){steal}; "
-          f"median error {report.in_situ_median_error:.1%}; the machine ran at "
-          f"{model.meta['in_situ_probe_speed']:.3f}x the profile's time on the speed probe around them")
-    print(f"serving factors {_factors(old)} -> {_factors(model)}")
+    steps = sum(s.label.startswith(IN_SITU_LABEL) for s in fresh)
+    print(f"{steps} in-situ steps in {runs} run(s) on {meta['replicas']} {meta['mode']} worker(s) of "
+          f"{old.meta.get('threads')} thread(s){steal}; the machine ran at {speed:.3f}x the profile's time on "
+          f"the speed probe around them")
+    print(f"{meta['mode']} serving factors {before} -> {after}")
     print(f"profile: {path}")
     return 0
+
+
+def _mode_factors(factors: dict[str, float] | None) -> str:
+    if factors is None:
+        return "(none)"
+    kinds = ", ".join(f"{kind} {f:.3f}" for kind, f in factors.items() if kind != "all")
+    return f"{kinds} (all steps {factors['all']:.3f})"
 
 
 def cmd_calibrate(args: argparse.Namespace, config) -> int:
@@ -162,7 +220,7 @@ def cmd_calibrate(args: argparse.Namespace, config) -> int:
         return cmd_pd_link(Path(args.pd_link), config)
     if args.in_situ:
         return cmd_in_situ(Path(args.in_situ), config, args.in_situ_replicas, args.in_situ_requests,
-                           args.in_situ_runs)
+                           args.in_situ_runs, args.in_situ_mode, args.in_situ_rate)
     path, model, report, n = calibrate(config, repeats=args.repeats, quick=args.quick,
                                        in_situ_replicas=args.in_situ_replicas,
                                        in_situ_requests=args.in_situ_requests, in_situ_runs=args.in_situ_runs,

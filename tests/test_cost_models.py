@@ -157,6 +157,69 @@ def test_serving_factors_are_relative_to_the_speed_probe_timed_around_the_servin
     assert far.coefficients == pytest.approx(model.coefficients, rel=1e-9)
 
 
+def test_a_schedule_modes_own_serving_factors_price_its_simulations_only(tmp_path):
+    """Steps timed in situ on a STRICT cluster (labelled "in situ@strict", with their own speed
+    probe) give STRICT's serving factors: they are not fitted into the grid model, the default
+    factors stay, and only simulations in mode strict use them."""
+    from sagellm.config import SageLLMConfig
+    from sagellm.engine.calibration import CalibrationSample
+    from simulator.build import build_cost_model
+    from simulator.commands import _read_samples, _refit, _samples_csv, mode_of_label
+
+    rng = random.Random(6)
+    truth = _truth()
+    grid = [CalibrationSample(f"grid {k}", b, truth.predict(b), 0, 0, 1) for k, b in enumerate(_batches(rng, 80))]
+    decodes = [BatchShape.from_chunks([(rng.randint(20, 900), 1) for _ in range(rng.randint(1, 30))])
+               for _ in range(30)]
+    prompts = [BatchShape.from_chunks([(0, rng.randint(16, 256))]) for _ in range(25)]
+    probe = [BatchShape.from_chunks([(0, 256)]), BatchShape.from_chunks([(240, 1)] * 4)]
+
+    def timed(label, batches, factor):
+        return [CalibrationSample(label, b, factor * truth.predict(b), 0, 0, 1) for b in batches]
+
+    # default (HYBRID) run: decodes x1.03, prompts x1.07 on a machine at 1.0x; the STRICT run:
+    # decodes x1.15, prompt steps x1.30 on a machine 1.2x slower than the grid
+    samples = (grid + timed("probe: p", probe, 1.0) + timed("in situ", decodes, 1.03) + timed("in situ", prompts, 1.07)
+               + timed("probe@strict: p", probe, 1.2) + timed("in situ@strict", decodes, 1.2 * 1.15)
+               + timed("in situ@strict", prompts, 1.2 * 1.30))
+    assert mode_of_label("in situ@strict") == mode_of_label("probe@strict: 4 decodes@240") == "strict"
+    assert mode_of_label("in situ") is mode_of_label("probe: x") is mode_of_label("prefill 8@256") is None
+    path = tmp_path / "p.json"
+    ProfiledCostModel(SHAPE, "float32", truth.coefficients, {"id": "p"}).save(path, _samples_csv(grid, truth))
+    base_path = tmp_path / "base.json"
+    base_path.write_text(path.read_text())
+    base_path.with_suffix(".csv").write_text(path.with_suffix(".csv").read_text())
+    base, _ = _refit(base_path, [s for s in samples if mode_of_label(s.label) is None])
+    model, _ = _refit(path, samples)
+    assert model.coefficients == pytest.approx(base.coefficients, rel=1e-9)  # STRICT's steps are not fitted
+
+    def ratio(batches, factor):  # measured / predicted by the fitted model
+        return factor * sum(truth.predict(b) for b in batches) / sum(model.predict(b) for b in batches)
+
+    assert model.serving_factors["decode"] == pytest.approx(ratio(decodes, 1.03) / ratio(probe, 1.0), rel=1e-9)
+    assert model.serving_factors["prefill"] == pytest.approx(ratio(prompts, 1.07) / ratio(probe, 1.0), rel=1e-9)
+    strict = model.mode_serving_factors["strict"]
+    assert strict["decode"] == pytest.approx(ratio(decodes, 1.2 * 1.15) / ratio(probe, 1.2), rel=1e-9)
+    assert strict["prefill"] == pytest.approx(ratio(prompts, 1.2 * 1.30) / ratio(probe, 1.2), rel=1e-9)
+    assert strict["decode"] == pytest.approx(1.15, rel=0.05) and strict["prefill"] == pytest.approx(1.30, rel=0.05)
+    assert model.meta["in_situ_by_mode"]["strict"]["probe_speed"] == pytest.approx(ratio(probe, 1.2), rel=1e-9)
+
+    # Saved and loaded with the profile; --refit recomputes them from the samples.
+    _refit(path, _read_samples(path))
+    again = ProfiledCostModel.load(path)
+    assert again.mode_serving_factors["strict"] == pytest.approx(strict, rel=1e-4)  # (CSV keeps 6 decimals)
+    for mode, factors in (("strict", strict), ("hybrid", model.serving_factors), ("time_share", model.serving_factors)):
+        sagellm = SageLLMConfig().replace(scheduler={"mode": mode})
+        cost, _ = build_cost_model(str(path), SHAPE, sagellm)
+        assert cost.serving_factors["decode"] == pytest.approx(factors["decode"], rel=1e-4)
+        assert cost.serving_factors["prefill"] == pytest.approx(factors["prefill"], rel=1e-4)
+    doc = json.loads(path.read_text())
+    doc["serving_factors_by_mode"]["strict"]["decode"] = -1.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(Exception, match="serving_factors_by_mode.strict"):
+        ProfiledCostModel.load(path)
+
+
 def test_features_follow_the_graph():
     decode = BatchShape.from_chunks([(100, 1)])
     two = BatchShape.from_chunks([(100, 1), (100, 1)])

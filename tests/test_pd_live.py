@@ -128,6 +128,20 @@ def test_handoff_calibration_fits_each_granularity_and_a_serving_factor() -> Non
     assert sum(x for x, _ in layer["points"]) < sum(x for x, _ in block["points"]) / 10
 
 
+def test_in_situ_calibration_in_strict_mode_times_both_roles_under_their_own_labels() -> None:
+    from simulator.commands import in_situ_samples, mode_of_label
+
+    samples, meta = in_situ_samples(_config(), num_requests=5, runs=1, mode="strict")
+    steps = [s for s in samples if s.label == "in situ@strict"]
+    probes = [s for s in samples if s.label.startswith("probe@strict: ")]
+    assert len(steps) + len(probes) == len(samples) and {mode_of_label(s.label) for s in samples} == {"strict"}
+    assert meta["mode"] == "strict" and meta["replicas"] == 2 and meta["runs"] == 1
+    assert probes and len(probes) % 4 == 0  # before and after, on both workers
+    # a STRICT step is all prompt (the prefill worker's) or all decodes (the decode worker's)
+    assert all(s.batch.num_decodes in (0, s.batch.num_seqs) for s in steps)
+    assert any(s.batch.num_decodes == 0 for s in steps) and any(s.batch.num_decodes for s in steps)
+
+
 def test_in_situ_calibration_on_a_cluster_times_the_steps_of_both_workers() -> None:
     from sagellm.engine.calibration import measure_in_situ, poisson_requests
 

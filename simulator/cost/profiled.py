@@ -139,7 +139,10 @@ class ProfiledCostModel:
     decode steps and 7% for steps with a prompt chunk). `serving_factor` is the ratio over all
     in-situ steps, the factor of a kind with fewer than `MIN_KIND_STEPS` of them, and the only one
     of profiles fitted before the kinds were told apart. `scale(f)` multiplies every factor (the
-    machine's speed now vs at calibration).
+    machine's speed now vs at calibration). `mode_serving_factors` holds factors of the same kinds
+    timed in situ under another schedule mode ("time_share", "strict"), where other work shares
+    the machine differently (a STRICT decode worker runs beside a prefill worker); `use_mode(mode)`
+    makes them the ones `step_time` uses, and leaves the others when the profile has none for it.
 
     `transfer_time` uses `kv_links`, the latency and bandwidth measured for each direction
     ("hbm->ddr", "nvme->hbm", ...) by timing the engine's own KV copies
@@ -167,6 +170,14 @@ class ProfiledCostModel:
                 raise ValueError(f"serving factor ({kind}) must be > 0, got {f}")
         self.serving_factor = serving_factor
         self.serving_factors = factors
+        self.mode_serving_factors: dict[str, dict[str, float]] = {
+            mode: {kind: float(f) for kind, f in kinds.items()}
+            for mode, kinds in (self.meta.get("serving_factors_by_mode") or {}).items()}
+        for mode, kinds in self.mode_serving_factors.items():
+            if set(kinds) != {"all", *SERVING_KINDS} or not all(f > 0 for f in kinds.values()):
+                raise ValueError(f"serving_factors_by_mode.{mode}: needs factors > 0 for 'all' and {SERVING_KINDS}, "
+                                 f"got {kinds}")
+        self.mode = "hybrid"
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
         rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
@@ -205,6 +216,17 @@ class ProfiledCostModel:
             raise ValueError(f"speed factor must be > 0, got {factor}")
         self.serving_factor *= factor
         self.serving_factors = {kind: f * factor for kind, f in self.serving_factors.items()}
+
+    def use_mode(self, mode: str) -> None:
+        """Price serving steps with the factors timed in situ under schedule mode `mode`, when the
+        profile has them (else keep the default ones, timed on HYBRID replicas). Call before
+        `scale`."""
+        kinds = self.mode_serving_factors.get(mode)
+        if kinds is not None:
+            self.serving_factor = kinds["all"]
+            self.serving_factors = {kind: kinds[kind] for kind in SERVING_KINDS}
+            self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {mode} serving factors)"
+        self.mode = mode
 
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
@@ -274,17 +296,32 @@ class ProfiledCostModel:
                            statistics.median(situ) if situ else float("nan"))
         final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta)
         if situ_idx:
-            def factor(which: list[int]) -> float:
-                return sum(seconds[i] for i in which) / sum(final.predict(batches[i]) for i in which)
-
-            speed = factor(probe_idx) if probe_idx else 1.0
+            factors, speed = final.serving_factors_of([batches[i] for i in situ_idx], [seconds[i] for i in situ_idx],
+                                                      [batches[i] for i in probe_idx], [seconds[i] for i in probe_idx])
             final.meta["in_situ_probe_speed"] = speed
-            final.serving_factor = factor(situ_idx) / speed
-            for kind in SERVING_KINDS:
-                of_kind = [i for i in situ_idx if serving_kind(batches[i].num_seqs, batches[i].num_decodes) == kind]
-                enough = len(of_kind) >= MIN_KIND_STEPS
-                final.serving_factors[kind] = factor(of_kind) / speed if enough else final.serving_factor
+            final.serving_factor = factors["all"]
+            final.serving_factors = {kind: factors[kind] for kind in SERVING_KINDS}
         return final, report
+
+    def serving_factors_of(self, steps: list[BatchShape], step_seconds: list[float], probe: list[BatchShape],
+                           probe_seconds: list[float]) -> tuple[dict[str, float], float]:
+        """Serving factors from steps timed during live serving, relative to the speed probe timed
+        around them: ({"all": f, "decode": f, "prefill": f}, probe speed). A kind with fewer than
+        `MIN_KIND_STEPS` steps gets the factor of all steps. Each factor is measured / predicted
+        time summed over the steps (of that kind), divided by the same ratio for the probe (1 without
+        one), so that the machine's drift between the grid and the serving run does not enter it."""
+        def ratio(batches: list[BatchShape], secs: list[float]) -> float:
+            return sum(secs) / sum(self.predict(b) for b in batches)
+
+        if not steps:
+            raise ValueError("serving factors need at least one in-situ step")
+        speed = ratio(probe, probe_seconds) if probe else 1.0
+        factors = {"all": ratio(steps, step_seconds) / speed}
+        for kind in SERVING_KINDS:
+            of_kind = [i for i, b in enumerate(steps) if serving_kind(b.num_seqs, b.num_decodes) == kind]
+            factors[kind] = (ratio([steps[i] for i in of_kind], [step_seconds[i] for i in of_kind]) / speed
+                             if len(of_kind) >= MIN_KIND_STEPS else factors["all"])
+        return factors, speed
 
     # ---- files -----------------------------------------------------------------------------------
     def save(self, path: Path, samples_csv: str) -> None:
@@ -302,6 +339,7 @@ class ProfiledCostModel:
             "copy_latency": self.copy_latency,
             "serving_factor": self.serving_factor,
             "serving_factors": self.serving_factors,
+            "serving_factors_by_mode": self.mode_serving_factors,
             "kv_links": self.kv_links,
         })
         path.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
