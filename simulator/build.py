@@ -87,12 +87,11 @@ def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, b
 
     dtype = sagellm.model.dtype
     mode = sagellm.scheduler.schedule_mode.value
+    path = Path(hardware)
     if hardware == "local":
-        threads = sagellm.backend.num_threads
-        model = ProfiledCostModel.load(find_local_profile(shape, dtype, threads=threads))
+        model = ProfiledCostModel.load(find_local_profile(shape, dtype, threads=sagellm.backend.num_threads))
         model.use_mode(mode)
         return model, None
-    path = Path(hardware)
     if path.suffix == ".json":
         if not path.is_absolute():
             path = base_dir / path

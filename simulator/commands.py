@@ -76,8 +76,9 @@ def _refit(path: Path, samples: list, extra_meta: dict | None = None):
     model.copy_latency = doc.get("copy_latency", model.copy_latency)
     model.meta["heldout"] = report.__dict__
     for mode in sorted({mode_of_label(s.label) for s in samples} - {None}):
-        steps = [s for s in samples if s.label == IN_SITU_LABEL + "@" + mode]
-        probe = [s for s in samples if s.label.startswith(f"probe@{mode}: ")]
+        step_label, probe_label = in_situ_labels(mode)
+        steps = [s for s in samples if s.label == step_label]
+        probe = [s for s in samples if s.label.startswith(probe_label)]
         if steps:
             factors, speed = model.serving_factors_of([s.batch for s in steps], [s.median_seconds for s in steps],
                                                       [s.batch for s in probe], [s.median_seconds for s in probe])
@@ -100,6 +101,14 @@ def cmd_refit(path: Path) -> int:
 PROBE_LABEL = "probe: "  # a speed-probe shape timed around the in-situ steps (never fitted)
 IN_SITU_LABEL = "in situ"
 IN_SITU_MODES = ("hybrid", "time_share", "strict")
+
+
+def in_situ_labels(mode: str | None) -> tuple[str, str]:
+    """(label of a serving step, label prefix of a speed-probe sample) of an in-situ run: the
+    default run's for None or "hybrid", else "in situ@<mode>" and "probe@<mode>: "."""
+    if mode in (None, "hybrid"):
+        return IN_SITU_LABEL, PROBE_LABEL
+    return f"{IN_SITU_LABEL}@{mode}", f"probe@{mode}: "
 
 
 def mode_of_label(label: str) -> str | None:
@@ -137,8 +146,7 @@ def in_situ_samples(engine_config, replicas: int = 1, engine=None, num_requests:
     if mode is not None and mode not in IN_SITU_MODES:
         raise ValueError(f"in-situ mode: must be one of {IN_SITU_MODES}, got {mode!r}")
     own_mode = mode not in (None, "hybrid")
-    step_label, probe_label = (f"{IN_SITU_LABEL}@{mode}", f"probe@{mode}: ") if own_mode else (IN_SITU_LABEL,
-                                                                                             PROBE_LABEL)
+    step_label, probe_label = in_situ_labels(mode)
     own = engine is None
     if own:
         if own_mode:
@@ -180,10 +188,9 @@ def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48, runs:
     engine_config = config.replace(model={"dtype": old.dtype}, backend={"num_threads": old.meta.get("threads")})
     fresh, meta = in_situ_samples(engine_config, replicas, num_requests=num_requests, runs=runs, mode=mode,
                                   rate=rate)
-    replaced = {mode} if own_mode else {None}
+    step_label, probe_label = in_situ_labels(mode)
     samples = [s for s in _read_samples(path)
-               if mode_of_label(s.label) not in replaced
-               or not (s.label.startswith(IN_SITU_LABEL) or s.label.startswith("probe"))] + fresh
+               if s.label != step_label and not s.label.startswith(probe_label)] + fresh
     if own_mode:
         by_mode = dict(old.meta.get("in_situ_by_mode") or {})
         by_mode[mode] = meta
@@ -195,7 +202,7 @@ def cmd_in_situ(path: Path, config, replicas: int, num_requests: int = 48, runs:
         model, report = _refit(path, samples, {"in_situ": meta})
         speed, before, after = model.meta["in_situ_probe_speed"], _factors(old), _factors(model)
     steal = "" if meta["cpu_steal"] is None else f", {meta['cpu_steal']:.1%} of the CPU stolen by other VMs"
-    steps = sum(s.label.startswith(IN_SITU_LABEL) for s in fresh)
+    steps = sum(s.label == step_label for s in fresh)
     print(f"{steps} in-situ steps in {runs} run(s) on {meta['replicas']} {meta['mode']} worker(s) of "
           f"{old.meta.get('threads')} thread(s){steal}; the machine ran at {speed:.3f}x the profile's time on "
           f"the speed probe around them")

@@ -157,6 +157,7 @@ class MetricsCollector:
             records.append(RequestRecord.from_request(req, replica, itl_max=next(it) if n > 1 else None))
         self._pending = []
         self._pending_times = array("d")
+
     def sample_kv(self, now: float, usage: float, running: int, waiting: int) -> None:
         if now >= self._next_kv_sample:
             self.kv_usage.append((now, usage, running, waiting))

@@ -177,7 +177,6 @@ class ProfiledCostModel:
             if set(kinds) != {"all", *SERVING_KINDS} or not all(f > 0 for f in kinds.values()):
                 raise ValueError(f"serving_factors_by_mode.{mode}: needs factors > 0 for 'all' and {SERVING_KINDS}, "
                                  f"got {kinds}")
-        self.mode = "hybrid"
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
         rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
@@ -226,7 +225,6 @@ class ProfiledCostModel:
             self.serving_factor = kinds["all"]
             self.serving_factors = {kind: kinds[kind] for kind in SERVING_KINDS}
             self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {mode} serving factors)"
-        self.mode = mode
 
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
