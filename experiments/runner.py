@@ -230,8 +230,38 @@ def _check_steps(pdir: Path, doc: dict[str, Any], cost_model, title: str, echo: 
 
 def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],
                       echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
-    _simulate_point(point, pdir, doc, _profiled_cost_model(point), echo, progress, "simulated again")
+    cost_model = _profiled_cost_model(point)
+    if cost_model is not None:
+        probes = _reprobe(pdir, doc, cost_model)
+        if probes:
+            doc["speed_factor"], doc["speed_probes"] = statistics.median(probes), probes
+    _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated again")
     return doc
+
+
+def _reprobe(pdir: Path, doc: dict[str, Any], cost_model) -> list[float] | None:
+    """The speed factors of the counted live runs' probes (before and after each) read again
+    against `cost_model` (the profile as it is now, perhaps refitted or recalibrated since the
+    runs): measured / predicted time of each probe's steps, from the timings each run stored. None
+    when a run stored no probe steps (runs made before they were stored) or a step is not a shape
+    of `PROBE_GRID`: the point then keeps the factor it was run with."""
+    from sagellm.engine.calibration import PROBE_GRID, describe
+    from sagellm.graph import BatchShape
+
+    shapes = {describe(chunks): BatchShape.from_chunks(list(chunks)) for chunks in PROBE_GRID}
+    factors = []
+    for side in doc["sides"]:
+        if side["side"] != "live":
+            continue
+        path = pdir / f"live-{side['repeat']}" / "summary.json"
+        info = json.loads(path.read_text()).get("info", {}) if path.exists() else {}
+        for key in ("speed_probe_before", "speed_probe_after"):
+            steps = info.get(key)
+            if not steps or any(s["label"] not in shapes for s in steps):
+                return None
+            factors.append(sum(s["measured_s"] for s in steps)
+                           / sum(cost_model.predict(shapes[s["label"]]) for s in steps))
+    return factors or None
 
 
 class _LivePool:

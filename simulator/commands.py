@@ -58,12 +58,18 @@ def _read_samples(path: Path) -> list:
 
 
 def _refit(path: Path, samples: list, extra_meta: dict | None = None):
-    """Fit the profile at `path` again on `samples` (keeping its identity, links and copy costs) and
-    save it with them. Samples of a mode's in-situ run (`mode_of_label`) are not fitted: they give
-    that mode's serving factors, relative to the model fitted on the rest. Returns (model, report)."""
-    from simulator.cost.profiled import ProfiledCostModel, read_profile
+    """Fit the profile at `path` again on `samples` (keeping its identity, links, copy costs and
+    knots: its grid may not time the row counts of newer knots) and save it with them. Samples of a
+    mode's in-situ run (`mode_of_label`) are not fitted: they give that mode's serving factors,
+    relative to the model fitted on the rest. Returns (model, report)."""
+    from sagellm.config import ConfigError
+    from simulator.cost.profiled import FEATURES, ProfiledCostModel, knots_of, read_profile
 
     shape, dtype, doc = read_profile(path)
+    try:
+        knots = knots_of(doc.get("features", FEATURES))
+    except ValueError as exc:
+        raise ConfigError(f"calibrated profile {str(path)!r}: {exc}") from exc
     meta = {k: v for k, v in doc.items() if k in ("id", "machine", "torch", "threads", "model_path", "created",
                                                   "repeats", "cpu_steal", "in_situ", "in_situ_by_mode", "kv_links")}
     meta.update(extra_meta or {})
@@ -71,7 +77,8 @@ def _refit(path: Path, samples: list, extra_meta: dict | None = None):
     model, report = ProfiledCostModel.fit_with_holdout(shape, dtype, [s.batch for s in base],
                                                        [s.median_seconds for s in base], meta=meta,
                                                        in_situ=[s.label == IN_SITU_LABEL for s in base],
-                                                       probe=[s.label.startswith(PROBE_LABEL) for s in base])
+                                                       probe=[s.label.startswith(PROBE_LABEL) for s in base],
+                                                       knots=knots)
     model.copy_bandwidth = doc.get("copy_bandwidth", model.copy_bandwidth)
     model.copy_latency = doc.get("copy_latency", model.copy_latency)
     model.meta["heldout"] = report.__dict__

@@ -18,7 +18,10 @@ SHAPE = model_shape("smollm2-135m")
 
 def _batches(rng: random.Random, n: int) -> list[BatchShape]:
     out = []
-    for _ in range(n):
+    for i in range(n):
+        if i % 3 == 0:  # decodes only, every count to 16 in turn (as the calibration grid has them)
+            out.append(BatchShape.from_chunks([(rng.randint(1, 1500), 1) for _ in range(1 + (i // 3) % 16)]))
+            continue
         chunks = [(rng.randint(1, 1500), 1) for _ in range(rng.choice([1, 2, 3, 4, 5, 6, rng.randint(0, 48)]))]
         if rng.random() < 0.6 or not chunks:
             chunks.append((rng.choice([0, 256, 1024]), rng.randint(8, 512)))
@@ -49,9 +52,52 @@ def test_fit_recovers_a_known_model_and_reports_heldout_error():
 
 def test_token_basis_interpolates_between_knots_and_extrapolates_proportionally():
     assert token_basis(0) == [0.0] * len(KNOTS)
-    assert sum(token_basis(5)) == pytest.approx(1.0)
-    assert token_basis(5)[KNOTS.index(4)] == pytest.approx(0.5) and token_basis(5)[KNOTS.index(6)] == pytest.approx(0.5)
+    assert sum(token_basis(24)) == pytest.approx(1.0)
+    assert token_basis(24)[KNOTS.index(16)] == pytest.approx(0.5)
+    assert token_basis(24)[KNOTS.index(32)] == pytest.approx(0.5)
+    assert all(token_basis(k)[KNOTS.index(k)] == 1.0 for k in range(1, 17))  # every row count to 16 is a knot
     assert token_basis(1024)[-1] == pytest.approx(2.0)
+    old = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)
+    assert token_basis(5, old)[old.index(4)] == pytest.approx(0.5) and len(token_basis(5, old)) == len(old)
+
+
+def test_a_profile_keeps_the_knots_it_was_fitted_with(tmp_path):
+    """A profile fitted with other knots (an older grid's) loads, predicts and refits with its own
+    knots; a `features` list that is not knots-then-the-rest is a clear error."""
+    from sagellm.config import ConfigError
+    from simulator.commands import _read_samples, _refit
+    from simulator.cost.profiled import feature_names, knots_of
+
+    old = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)
+    assert knots_of(list(feature_names(old))) == old and knots_of(list(FEATURES)) == KNOTS
+    values = [0.05 + 0.0018 * k + (0.03 if k >= 4 else 0.0) for k in old]
+    truth = ProfiledCostModel(SHAPE, "float32", [*values, 2e-11, 1e-11, 3e-10, 0.01, 0.0005], knots=old)
+    rng = random.Random(7)
+    batches = _batches(rng, 90)
+    seconds = [truth.predict(b) for b in batches]
+    model, _ = ProfiledCostModel.fit_with_holdout(SHAPE, "float32", batches, seconds, knots=old, meta={"id": "old"})
+    path = tmp_path / "old.json"
+    csv_text = ("label,num_tokens,num_seqs,num_decodes,num_sampled,attention_pairs,kv_context_tokens,"
+                "median_s,min_s,max_s,repeats\n")
+    csv_text += "".join(f"g{i},{b.num_tokens},{b.num_seqs},{b.num_decodes},{b.num_sampled},{b.attention_pairs},"
+                        f"{b.kv_context_tokens},{t},{t},{t},1\n" for i, (b, t) in enumerate(zip(batches, seconds)))
+    model.save(path, csv_text)
+    doc = json.loads(path.read_text())
+    assert doc["features"] == list(feature_names(old)) and len(doc["coefficients"]) == len(old) + 5
+    loaded = ProfiledCostModel.load(path)
+    assert loaded.knots == old
+    probe = BatchShape.from_chunks([(300, 1)] * 5)
+    assert loaded.predict(probe) == pytest.approx(model.predict(probe), rel=1e-12)
+    assert loaded.predict(probe) == pytest.approx(truth.predict(probe), rel=0.02)
+    refitted, _ = _refit(path, _read_samples(path.with_suffix(".csv")))
+    assert refitted.knots == old and ProfiledCostModel.load(path).knots == old
+    with pytest.raises(ValueError, match="coefficients"):
+        ProfiledCostModel(SHAPE, "float32", [*values, 2e-11, 1e-11, 3e-10, 0.01, 0.0005])  # default knots: too few
+    for bad in (["tokens_4", "tokens_2", *doc["features"][-5:]], ["tokens_x", *doc["features"][-5:]],
+                doc["features"][:-1]):
+        path.write_text(json.dumps({**doc, "features": bad}))
+        with pytest.raises(ConfigError, match="features"):
+            ProfiledCostModel.load(path)
 
 
 def test_heldout_error_is_measured_on_unseen_samples():

@@ -156,6 +156,11 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     # the speed probes around the run are kept step by step
     for key in ("speed_probe_before", "speed_probe_after"):
         assert len(info[key]) == 4 and all(p["measured_s"] > 0 and p["profile_s"] > 0 for p in info[key])
+    # ... and read again against the same profile they give the factors the run used
+    from experiments.runner import _profiled_cost_model, _reprobe
+
+    probes = _reprobe(run_dir / "points" / "000", done, _profiled_cost_model(cfg.points[0]))
+    assert probes == pytest.approx(done["speed_probes"], rel=1e-9) and len(probes) == 2
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -204,18 +209,20 @@ def test_the_step_check_prices_live_steps_by_kind():
     from sagellm.graph.batch import BatchShape
     from simulator.cost.profiled import ProfiledCostModel
 
-    (path,) = [p for p in PROFILES.glob("*.json") if "-1t__" not in p.name]
-    model = ProfiledCostModel.load(path)
-    decode = BatchShape.from_chunks([(100, 1)] * 8)
-    mixed = BatchShape.from_chunks([(100, 1)] * 4 + [(0, 200)])
-    rows = [{**asdict(decode), "seconds": 2 * model.batch_time(decode)},  # the machine ran twice as slow
-            {**asdict(mixed), "seconds": model.batch_time(mixed)},
-            {**asdict(BatchShape()), "seconds": 0.0}]  # an empty step is not priced
-    checks = {c.kind: c for c in check_steps(model, pd.DataFrame(rows))}
-    assert checks["decode"].num_steps == 1 and checks["decode"].relative_error == pytest.approx(-0.5)
-    assert checks["prefill"].relative_error == pytest.approx(0.0, abs=1e-12)
-    assert checks["all"].num_steps == 2
-    assert model.batch_time(mixed) == pytest.approx(model.predict(mixed) * model.serving_factors["prefill"])
+    paths = [p for p in PROFILES.glob("*.json") if "-1t__" not in p.name]  # shipped profiles, any knots
+    assert paths
+    for path in paths:
+        model = ProfiledCostModel.load(path)
+        decode = BatchShape.from_chunks([(100, 1)] * 8)
+        mixed = BatchShape.from_chunks([(100, 1)] * 4 + [(0, 200)])
+        rows = [{**asdict(decode), "seconds": 2 * model.batch_time(decode)},  # the machine ran twice as slow
+                {**asdict(mixed), "seconds": model.batch_time(mixed)},
+                {**asdict(BatchShape()), "seconds": 0.0}]  # an empty step is not priced
+        checks = {c.kind: c for c in check_steps(model, pd.DataFrame(rows))}
+        assert checks["decode"].num_steps == 1 and checks["decode"].relative_error == pytest.approx(-0.5)
+        assert checks["prefill"].relative_error == pytest.approx(0.0, abs=1e-12)
+        assert checks["all"].num_steps == 2
+        assert model.batch_time(mixed) == pytest.approx(model.predict(mixed) * model.serving_factors["prefill"])
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.yaml")),
@@ -223,3 +230,33 @@ def test_the_step_check_prices_live_steps_by_kind():
 def test_every_shipped_experiment_file_loads(path):
     cfg = ExperimentConfig.from_yaml(path)
     assert cfg.points and cfg.sides
+
+
+def test_resimulating_reads_the_stored_speed_probes_again_against_the_profile_as_it_is_now(tmp_path):
+    """After a recalibration, a point's speed factor comes from its live runs' stored probe timings
+    priced by the new profile, not the factor the old profile gave."""
+    from experiments.runner import _reprobe
+    from sagellm.engine.calibration import PROBE_GRID, describe
+    from sagellm.graph import BatchShape
+    from sagellm.models.presets import model_shape
+    from simulator.cost.profiled import KNOTS, ProfiledCostModel
+
+    shape = model_shape("smollm2-135m")
+    model = ProfiledCostModel(shape, "float32", [0.02 + 0.001 * k for k in KNOTS] + [2e-11, 3e-12, 4e-10, 3e-3, 2e-4])
+    steps = [(describe(chunks), model.predict(BatchShape.from_chunks(list(chunks)))) for chunks in PROBE_GRID]
+    doc = {"sides": [{"side": "simulate", "repeat": -1}]}
+    for r, (before, after) in enumerate(((1.1, 1.3), (0.9, 1.2))):
+        info = {key: [{"label": label, "measured_s": t * f, "profile_s": 123.0} for label, t in steps]
+                for key, f in (("speed_probe_before", before), ("speed_probe_after", after))}
+        (tmp_path / f"live-{r}").mkdir()
+        (tmp_path / f"live-{r}" / "summary.json").write_text(json.dumps({"info": info, "summary": {}}))
+        doc["sides"].append({"side": "live", "repeat": r})
+    assert _reprobe(tmp_path, doc, model) == pytest.approx([1.1, 1.3, 0.9, 1.2], rel=1e-12)
+    # A run that stored no probe steps (or a shape not in the probe grid): keep the old factor.
+    info = json.loads((tmp_path / "live-1" / "summary.json").read_text())
+    info["info"]["speed_probe_after"][0]["label"] = "prefill 7@0"
+    (tmp_path / "live-1" / "summary.json").write_text(json.dumps(info))
+    assert _reprobe(tmp_path, doc, model) is None
+    del info["info"]["speed_probe_after"]
+    (tmp_path / "live-1" / "summary.json").write_text(json.dumps(info))
+    assert _reprobe(tmp_path, doc, model) is None

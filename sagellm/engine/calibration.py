@@ -37,14 +37,14 @@ class CalibrationSample:
 
 
 def default_grid(max_tokens: int) -> list[Chunks]:
-    """Prefill chunks, decode batches (every size up to 6, then sparser), mixed steps and
+    """Prefill chunks, decode batches (every size up to 16, then sparser), mixed steps and
     multi-chunk prefills that fit `max_tokens` KV tokens in total (the pool) and 2048 tokens per
     request."""
     grid: list[Chunks] = []
     for n in (8, 16, 32, 64, 128, 256, 384, 512):
         for c in (0, 256, 1024):
             grid.append(((c, n),))
-    for b in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64):
+    for b in (*range(1, 17), 24, 32, 48, 64):
         for c in (32, 256, 1024):
             grid.append(((c, 1),) * b)
     for n, c_pre in ((32, 0), (128, 0), (256, 0), (128, 512)):

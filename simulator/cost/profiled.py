@@ -8,11 +8,14 @@ Model, with non-negative coefficients fitted by least squares on relative error:
               + c_kv   * KV bytes read              each request's context
               + c_pf * prefill chunks + c_dec * decodes   per-request work outside the kernels
 
-`g` is piecewise linear in the number of tokens, with knots at KNOTS (1, 2, 3, 4, 6, 8, 12, 16,
-32, ... 512) and proportional to tokens beyond the last. A linear `g` was tried first: on this CPU a
-GEMM over one to three rows costs about the same, four rows cost about 60% more (the BLAS library
-switches kernels), and the cost per row falls again up to tens of rows. A line cannot follow that,
-and it left 6% median error; the knots do (see docs/simulator.md). The other terms come from the
+`g` is piecewise linear in the number of tokens, with knots at KNOTS (every count from 1 to 16,
+then 32, 64, 128, 256, 512) and proportional to tokens beyond the last. A linear `g` was
+tried first: on the Intel Xeon a GEMM over one to three rows costs about the same, four rows cost
+about 60% more (the BLAS library switches kernels), and the cost per row falls again up to tens of
+rows. A line cannot follow that, and it left 6% median error. On the AMD EPYC the cost is jagged
+row by row: 7, 9 and 11 rows take 15-35% longer than 8 or 12, so below 17 rows every count is a
+knot (and the calibration grid times every count). A profile keeps the knots it was fitted with
+(its `features`), so profiles fitted with other knots still load (see docs/simulator.md). The other terms come from the
 execution graph (`sagellm.graph`), so they scale with the work they name. `step_time` multiplies
 the fitted time by a serving factor measured on steps of a live run (see `ProfiledCostModel`).
 
@@ -40,10 +43,31 @@ from sagellm.graph.batch import batch_vector
 from sagellm.models.shape import ModelShape
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware" / "profiles"
-KNOTS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)
-FEATURES = (*(f"tokens_{k}" for k in KNOTS), "lm_head_flops", "attention_flops", "kv_bytes", "prefill_chunks",
-            "decodes")
-_NUM_KNOTS = len(KNOTS)
+KNOTS = (*range(1, 17), 32, 64, 128, 256, 512)
+OTHER_FEATURES = ("lm_head_flops", "attention_flops", "kv_bytes", "prefill_chunks", "decodes")
+
+
+def feature_names(knots: tuple[int, ...] = KNOTS) -> tuple[str, ...]:
+    """The regressors' names, as a profile's `features` lists them: one per knot, then the rest."""
+    return (*(f"tokens_{k}" for k in knots), *OTHER_FEATURES)
+
+
+def knots_of(names: list[str]) -> tuple[int, ...]:
+    """The knots of a profile's `features` list; ValueError when it is not `feature_names(knots)`
+    for increasing positive knots."""
+    heads = list(names[:-len(OTHER_FEATURES)])
+    try:
+        knots = tuple(int(n.removeprefix("tokens_")) for n in heads if n.startswith("tokens_"))
+    except ValueError:
+        knots = ()
+    if (not knots or len(knots) != len(heads) or list(knots) != sorted(set(knots)) or knots[0] < 1
+            or tuple(names) != feature_names(knots)):
+        raise ValueError(f"features must be tokens_<k> for increasing knots k >= 1, then {list(OTHER_FEATURES)}; "
+                         f"got {list(names)}")
+    return knots
+
+
+FEATURES = feature_names(KNOTS)
 _BATCH_FIELDS = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens")
 # Serving steps are told apart by kind for the serving factor: only decodes, or some prompt chunk.
 SERVING_KINDS = ("decode", "prefill")
@@ -55,28 +79,28 @@ def serving_kind(num_seqs: int, num_decodes: int) -> str:
     return "decode" if num_seqs == num_decodes else "prefill"
 
 
-def token_basis(num_tokens: int) -> list[float]:
-    """Piecewise-linear (hat) basis over KNOTS at `num_tokens`; the last one keeps rising linearly
+def token_basis(num_tokens: int, knots: tuple[int, ...] = KNOTS) -> list[float]:
+    """Piecewise-linear (hat) basis over `knots` at `num_tokens`; the last one keeps rising linearly
     past the last knot (time proportional to tokens), and everything is 0 at 0 tokens."""
-    basis = [0.0] * _NUM_KNOTS
+    basis = [0.0] * len(knots)
     t = num_tokens
     if t <= 0:
         return basis
-    if t <= KNOTS[0]:
-        basis[0] = t / KNOTS[0]
+    if t <= knots[0]:
+        basis[0] = t / knots[0]
         return basis
-    if t >= KNOTS[-1]:
-        basis[-1] = t / KNOTS[-1]
+    if t >= knots[-1]:
+        basis[-1] = t / knots[-1]
         return basis
-    j = bisect_right(KNOTS, t) - 1
-    lo, hi = KNOTS[j], KNOTS[j + 1]
+    j = bisect_right(knots, t) - 1
+    lo, hi = knots[j], knots[j + 1]
     w = (t - lo) / (hi - lo)
     basis[j], basis[j + 1] = 1.0 - w, w
     return basis
 
 
-def features(shape: ModelShape, dtype: str, batch: BatchShape) -> list[float]:
-    """The model's regressors for one batch (see module docstring)."""
+def features(shape: ModelShape, dtype: str, batch: BatchShape, knots: tuple[int, ...] = KNOTS) -> list[float]:
+    """The model's regressors for one batch (see module docstring), with the token basis over `knots`."""
     head = attn_flops = kv_bytes = 0.0
     for o in step_operators(shape, batch, dtype):
         if o.name == "lm_head":
@@ -84,8 +108,8 @@ def features(shape: ModelShape, dtype: str, batch: BatchShape) -> list[float]:
         elif o.kind == "attention":
             attn_flops += o.total_flops
             kv_bytes += o.total_bytes
-    return [*token_basis(batch.num_tokens), head, attn_flops, kv_bytes, float(batch.num_seqs - batch.num_decodes),
-            float(batch.num_decodes)]
+    return [*token_basis(batch.num_tokens, knots), head, attn_flops, kv_bytes,
+            float(batch.num_seqs - batch.num_decodes), float(batch.num_decodes)]
 
 
 def _dot(a: list[float], b: list[float]) -> float:
@@ -154,9 +178,12 @@ class ProfiledCostModel:
 
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
                  copy_bandwidth: float = 10e9, copy_latency: float = 0.0, serving_factor: float = 1.0,
-                 serving_factors: dict[str, float] | None = None) -> None:
-        if len(coefficients) != len(FEATURES):
-            raise ValueError(f"expected {len(FEATURES)} coefficients {FEATURES}, got {len(coefficients)}")
+                 serving_factors: dict[str, float] | None = None, knots: tuple[int, ...] = KNOTS) -> None:
+        names = feature_names(tuple(knots))
+        knots_of(list(names))
+        if len(coefficients) != len(names):
+            raise ValueError(f"expected {len(names)} coefficients {names}, got {len(coefficients)}")
+        self.knots = tuple(knots)
         self.shape, self.dtype = shape, dtype
         self.coefficients = [float(c) for c in coefficients]
         self.meta = meta or {}
@@ -179,23 +206,24 @@ class ProfiledCostModel:
                                  f"got {kinds}")
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
-        rest = [0.0] * _NUM_KNOTS + self.coefficients[_NUM_KNOTS:]
-        self._token_values = self.coefficients[:_NUM_KNOTS]
+        num_knots = len(self.knots)
+        rest = [0.0] * num_knots + self.coefficients[num_knots:]
+        self._token_values = self.coefficients[:num_knots]
         self._weights = []
         for j in range(len(_BATCH_FIELDS)):
             unit = [0] * len(_BATCH_FIELDS)
             unit[j] = 1
-            f = features(shape, dtype, BatchShape(*unit))
-            f[:_NUM_KNOTS] = [0.0] * _NUM_KNOTS
+            f = features(shape, dtype, BatchShape(*unit), self.knots)
+            f[:num_knots] = [0.0] * num_knots
             self._weights.append(_dot(rest, f))
 
     def token_time(self, num_tokens: int) -> float:
         """g(num_tokens): the fitted token-parallel time."""
-        return _dot(self._token_values, token_basis(num_tokens))
+        return _dot(self._token_values, token_basis(num_tokens, self.knots))
 
     def predict(self, batch: BatchShape) -> float:
         """The fitted time of `batch` as the calibration grid measured it: one step alone."""
-        return _dot(self.coefficients, features(self.shape, self.dtype, batch))
+        return _dot(self.coefficients, features(self.shape, self.dtype, batch, self.knots))
 
     def batch_time(self, batch: BatchShape) -> float:
         """`step_time` of a step whose shape is `batch`: the grid time x its kind's serving factor."""
@@ -248,25 +276,27 @@ class ProfiledCostModel:
     # ---- fitting ---------------------------------------------------------------------------------
     @classmethod
     def fit(cls, shape: ModelShape, dtype: str, batches: list[BatchShape], seconds: list[float],
-            meta: dict[str, Any] | None = None) -> ProfiledCostModel:
-        """Non-negative least squares on relative error (rows scaled by 1 / measured time)."""
+            meta: dict[str, Any] | None = None, knots: tuple[int, ...] = KNOTS) -> ProfiledCostModel:
+        """Non-negative least squares on relative error (rows scaled by 1 / measured time), with the
+        token basis over `knots`."""
         import numpy as np
         from scipy.optimize import nnls
 
-        if len(batches) != len(seconds) or len(batches) < 2 * len(FEATURES) // 3:
-            raise ValueError(f"need at least {2 * len(FEATURES) // 3} samples with times, got {len(batches)}")
-        x = np.array([features(shape, dtype, b) for b in batches], dtype=np.float64)
+        need = 2 * len(feature_names(knots)) // 3
+        if len(batches) != len(seconds) or len(batches) < need:
+            raise ValueError(f"need at least {need} samples with times, got {len(batches)}")
+        x = np.array([features(shape, dtype, b, knots) for b in batches], dtype=np.float64)
         y = np.array(seconds, dtype=np.float64)
         scale = x.max(axis=0)
         scale[scale == 0] = 1.0
         coef, _ = nnls((x / scale) / y[:, None], np.ones_like(y))
-        return cls(shape, dtype, list(coef / scale), meta)
+        return cls(shape, dtype, list(coef / scale), meta, knots=knots)
 
     @classmethod
     def fit_with_holdout(cls, shape: ModelShape, dtype: str, batches: list[BatchShape], seconds: list[float],
                          heldout_fraction: float = 0.25, seed: int = 0, meta: dict[str, Any] | None = None,
-                         in_situ: list[bool] | None = None, probe: list[bool] | None = None
-                         ) -> tuple[ProfiledCostModel, FitReport]:
+                         in_situ: list[bool] | None = None, probe: list[bool] | None = None,
+                         knots: tuple[int, ...] = KNOTS) -> tuple[ProfiledCostModel, FitReport]:
         """Fit on a random (seeded) part of the grid samples, report errors on the rest, then refit on
         every grid sample. `in_situ` marks single steps timed during live serving: they are never
         fitted, only used to check the model on real serving steps (reported separately) and for the
@@ -283,7 +313,7 @@ class ProfiledCostModel:
         random.Random(seed).shuffle(idx)
         k = max(1, round(len(idx) * heldout_fraction))
         test, train = idx[:k], idx[k:]
-        model = cls.fit(shape, dtype, [batches[i] for i in train], [seconds[i] for i in train])
+        model = cls.fit(shape, dtype, [batches[i] for i in train], [seconds[i] for i in train], knots=knots)
 
         def errors(which: list[int]) -> list[float]:
             return sorted(abs(model.predict(batches[i]) - seconds[i]) / seconds[i] for i in which)
@@ -292,7 +322,7 @@ class ProfiledCostModel:
         p90 = grid[min(len(grid) - 1, int(0.9 * len(grid)))]
         report = FitReport(len(train), len(grid), statistics.median(grid), p90, grid[-1], len(situ),
                            statistics.median(situ) if situ else float("nan"))
-        final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta)
+        final = cls.fit(shape, dtype, [batches[i] for i in grid_idx], [seconds[i] for i in grid_idx], meta, knots)
         if situ_idx:
             factors, speed = final.serving_factors_of([batches[i] for i in situ_idx], [seconds[i] for i in situ_idx],
                                                       [batches[i] for i in probe_idx], [seconds[i] for i in probe_idx])
@@ -331,7 +361,7 @@ class ProfiledCostModel:
             "model_key": model_key(self.shape),
             "model_shape": _shape_dict(self.shape),
             "dtype": self.dtype,
-            "features": list(FEATURES),
+            "features": list(feature_names(self.knots)),
             "coefficients": self.coefficients,
             "copy_bandwidth": self.copy_bandwidth,
             "copy_latency": self.copy_latency,
@@ -347,7 +377,8 @@ class ProfiledCostModel:
         shape, dtype, doc = read_profile(path)
         try:
             return cls(shape, dtype, doc["coefficients"], doc, doc.get("copy_bandwidth", 10e9),
-                       doc.get("copy_latency", 0.0), doc.get("serving_factor", 1.0), doc.get("serving_factors"))
+                       doc.get("copy_latency", 0.0), doc.get("serving_factor", 1.0), doc.get("serving_factors"),
+                       knots_of(doc.get("features", FEATURES)))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"hardware: calibrated profile {str(path)!r} does not fit this version's model "
                               f"({exc}); refit it with `sagellm calibrate --refit {path}`") from exc
