@@ -100,8 +100,9 @@ def test_roofline_prices_the_handoff_over_the_device_link() -> None:
 def test_layerwise_handoffs_use_their_own_link_when_the_profile_has_one() -> None:
     from simulator.cost.profiled import ProfiledCostModel
 
-    (path,) = [p for p in (ROOT / "simulator" / "hardware" / "profiles").glob("*-1t__*.json")]
-    model = ProfiledCostModel.load(path)
+    paths = sorted((ROOT / "simulator" / "hardware" / "profiles").glob("*-1t__*.json"))  # one per machine
+    assert paths
+    model = ProfiledCostModel.load(paths[0])
     model.kv_links = {"hbm->peer": {"bandwidth": 1e9, "latency": 0.001}}
     # one timed link answers for both granularities
     assert model.transfer_time(10**6, "hbm", "peer_layer") == pytest.approx(0.002)
