@@ -52,16 +52,18 @@ def feature_names(knots: tuple[int, ...] = KNOTS) -> tuple[str, ...]:
     return (*(f"tokens_{k}" for k in knots), *OTHER_FEATURES)
 
 
+def _increasing_knots(knots: tuple[int, ...]) -> bool:
+    return bool(knots) and knots[0] >= 1 and all(a < b for a, b in zip(knots, knots[1:]))
+
+
 def knots_of(names: list[str]) -> tuple[int, ...]:
     """The knots of a profile's `features` list; ValueError when it is not `feature_names(knots)`
     for increasing positive knots."""
-    heads = list(names[:-len(OTHER_FEATURES)])
     try:
-        knots = tuple(int(n.removeprefix("tokens_")) for n in heads if n.startswith("tokens_"))
+        knots = tuple(int(n.removeprefix("tokens_")) for n in names[:len(names) - len(OTHER_FEATURES)])
     except ValueError:
         knots = ()
-    if (not knots or len(knots) != len(heads) or list(knots) != sorted(set(knots)) or knots[0] < 1
-            or tuple(names) != feature_names(knots)):
+    if not _increasing_knots(knots) or tuple(names) != feature_names(knots):
         raise ValueError(f"features must be tokens_<k> for increasing knots k >= 1, then {list(OTHER_FEATURES)}; "
                          f"got {list(names)}")
     return knots
@@ -179,8 +181,9 @@ class ProfiledCostModel:
     def __init__(self, shape: ModelShape, dtype: str, coefficients: list[float], meta: dict[str, Any] | None = None,
                  copy_bandwidth: float = 10e9, copy_latency: float = 0.0, serving_factor: float = 1.0,
                  serving_factors: dict[str, float] | None = None, knots: tuple[int, ...] = KNOTS) -> None:
+        if not _increasing_knots(tuple(knots)):
+            raise ValueError(f"knots must be increasing and >= 1, got {knots}")
         names = feature_names(tuple(knots))
-        knots_of(list(names))
         if len(coefficients) != len(names):
             raise ValueError(f"expected {len(names)} coefficients {names}, got {len(coefficients)}")
         self.knots = tuple(knots)
