@@ -53,7 +53,14 @@ class LiveConfig:
     and `max_cpu_steal` set, a run does not start while the machine is noisy: the speed probe
     before it is repeated (30 s apart) until the hypervisor takes at most `max_cpu_steal` of the
     CPU during it, for up to `quiet_wait_s` seconds, after which the run starts anyway. Steal is
-    only seen while this VM is busy, which is why the probe, not an idle wait, measures it."""
+    only seen while this VM is busy, which is why the probe, not an idle wait, measures it.
+
+    With `serving_reference_s` > 0 (and a calibrated profile), a short reference run is served
+    right before each measured run: the requests of another sample of the point's workload (seed
+    + 1) arriving in its first `serving_reference_s` seconds (at least one). Its steps, timed while
+    serving, set the simulator's serving factors (measured / profiled step time, per kind, over
+    the point's counted runs' references) in place of the probe's speed factor times the
+    profile's own serving factors. The measured runs' steps are never used to set them."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -62,8 +69,12 @@ class LiveConfig:
     max_attempts: int = 10
     speed_probe: bool = True
     quiet_wait_s: float = 0.0
+    serving_reference_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.serving_reference_s >= 0:
+            raise ConfigError(f"live.serving_reference_s: must be >= 0 seconds (0: no reference run), "
+                              f"got {self.serving_reference_s}")
         if self.quiet_wait_s < 0:
             raise ConfigError(f"live.quiet_wait_s: must be >= 0 seconds, got {self.quiet_wait_s}")
         if self.quiet_wait_s and (self.max_cpu_steal is None or not self.speed_probe):

@@ -99,6 +99,8 @@ class LiveRunner:
         handoffs = getattr(self.engine, "handoff_seconds", [])[handoffs_before:]
         if handoffs:
             info["handoff"] = handoff_summary(handoffs)
+            # (bytes, seconds) of each hand-off: the serving reference prices them by the link's fit
+            info["handoffs"] = [[int(b), s] for b, s in zip(self.engine.handoff_bytes[handoffs_before:], handoffs)]
             summary["handoff_mean_s"] = info["handoff"]["mean_s"]
         steps = [replace(s, end_time=s.end_time - start) for s in steps]
         return LiveResult(records, itls, summary, info, steps)

@@ -20,9 +20,10 @@ import pandas as pd
 
 from experiments.config import ExperimentConfig, SweepPoint
 from experiments.fidelity import compare, format_table
-from experiments.results import write_side
+from experiments.results import read_steps, write_side
 from sagellm.config import ConfigError
 from sagellm.metrics.io import format_summary, jsonable
+from simulator.cost.profiled import SERVING_KINDS
 from simulator.workloads import generate
 
 PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarrow", "matplotlib")
@@ -99,6 +100,8 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     # The live side runs first so that its speed probes can set the simulator's speed factor.
     if "live" in cfg.sides:
         trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
+        reference = (reference_trace(sim_cfg.workload, sim_cfg.base_dir, cfg.live.serving_reference_s)
+                     if cfg.live.serving_reference_s and cost_model is not None else None)
         runner = live.get(sim_cfg)
         probe = cfg.live.speed_probe and cost_model is not None
         limit = cfg.live.max_cpu_steal
@@ -110,6 +113,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                     f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
             before = _probe_when_quiet(runner, cost_model, cfg.live, title, echo) if probe else None
             before_steps = _probe_steps(runner, cost_model) if probe else None
+            ref = runner.run(reference, None, cfg.live.timeout_s) if reference else None
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
             after = cost_model.speed_factor(runner.probe()) if probe else None
             steal = res.info.get("cpu_steal")
@@ -121,11 +125,17 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
+            if ref is not None:
+                write_side(pdir / name / REFERENCE_DIR, ref.records, ref.summary, ref.info, steps=ref.steps)
+                res.info["serving_reference"] = _reference_factors(
+                    [read_steps(pdir / name / REFERENCE_DIR)], cost_model,
+                    _handoff_link(sim_cfg.sagellm, cost_model, ref.info.get("handoffs", [])))
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
                  f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
                  + ("" if steal is None else f", CPU stolen by other VMs {steal:.1%}")
                  + ("" if not probe else f", machine speed vs profile {before:.2f}x before, {after:.2f}x after")
+                 + ("" if ref is None else ", serving reference " + _describe_reference(res.info["serving_reference"]))
                  + ("" if counted else f" > {limit:.0%}: not counted, run again"))
             if counted:
                 measured.append(res.summary)
@@ -136,9 +146,102 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     if probes:
         doc["speed_factor"] = statistics.median(probes)
         doc["speed_probes"] = probes
+    if reference and sides:
+        doc["serving_reference"] = _point_reference(pdir, doc, cost_model, sim_cfg.sagellm)
     if "simulate" in cfg.sides:
         _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated")
     return doc
+
+
+REFERENCE_DIR = "reference"
+
+
+def reference_trace(workload, base_dir: Path, seconds: float) -> list:
+    """The serving reference's requests: those of another sample of `workload` (seed + 1) that
+    arrive in its first `seconds` (at least the first one), ids prefixed "ref-"."""
+    from dataclasses import replace
+
+    sample = generate(replace(workload, seed=workload.seed + 1), base_dir)
+    trace = []
+    for tr in sample:
+        if trace and tr.arrival_time - trace[0].arrival_time >= seconds:
+            break
+        trace.append(replace(tr, request_id=f"ref-{tr.request_id}"))
+    if not trace:
+        raise ConfigError("live.serving_reference_s: the workload has no requests to serve as a reference")
+    return trace
+
+
+def _handoff_link(sagellm_cfg, cost_model, handoffs: list) -> dict[str, Any] | None:
+    """The serving factor of the KV hand-off link from hand-offs timed while serving ((bytes,
+    seconds) pairs): measured / the link's fitted time, summed, where a layer-wise hand-off's
+    fitted time is that of its last layer's piece plus the link latency (the part left after the
+    prefill step, as `simulator.pd_cluster.HandoffLink` prices it). None without hand-offs or
+    without a calibrated link."""
+    from sagellm.engine.kv_calibration import link_time
+    from sagellm.engine.pd_calibration import LINK_NAMES
+
+    if not handoffs:
+        return None
+    layerwise = sagellm_cfg.kv_cache.granularity == "layer"
+    name = LINK_NAMES["layer" if layerwise else "block"]
+    if name not in cost_model.kv_links and layerwise:
+        name = LINK_NAMES["block"]
+    link = cost_model.kv_links.get(name)
+    if link is None:
+        return None
+    share = 1.0 / cost_model.shape.num_layers if layerwise else 1.0
+    fitted = sum(link_time(link, size * share) for size, _ in handoffs)
+    return {"name": name, "serving_factor": sum(s for _, s in handoffs) / fitted, "handoffs": len(handoffs),
+            "pairs": [list(h) for h in handoffs]}
+
+
+def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """Serving factors of reference steps: measured / profiled (grid) time, for all steps and per
+    kind (a kind with too few steps takes the factor of all), and how many steps there were; with
+    `link` (`_handoff_link`), the hand-off link's factor as `handoff_link` (without its pairs)."""
+    from sagellm.graph import BatchShape
+
+    frames = [f for f in frames if not f.empty]
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"num_seqs": []})
+    steps = steps[steps["num_seqs"] > 0]
+    if steps.empty:
+        raise RuntimeError("the serving reference ran no steps")
+    fields = ["num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens"]
+    batches = [BatchShape(*map(int, row)) for row in steps[fields].itertuples(index=False)]
+    factors, _ = cost_model.serving_factors_of(batches, steps["seconds"].tolist(), [], [])
+    out: dict[str, Any] = {**factors, "steps": len(batches)}
+    if link is not None:
+        out["handoff_link"] = {k: v for k, v in link.items() if k != "pairs"}
+    return out
+
+
+def _describe_reference(ref: dict[str, Any]) -> str:
+    text = f"{ref['decode']:.2f}x decode, {ref['prefill']:.2f}x prefill steps ({ref['steps']} steps)"
+    link = ref.get("handoff_link")
+    if link:
+        text += f", {link['serving_factor']:.2f}x the {link['name']} link ({link['handoffs']} hand-offs)"
+    return text
+
+
+def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -> dict[str, Any] | None:
+    """The serving factors of the point's counted live runs' reference steps (and hand-offs),
+    pooled; None when a counted run has no stored reference."""
+    frames, handoffs = [], []
+    for side in doc["sides"]:
+        if side["side"] != "live":
+            continue
+        ref_dir = pdir / f"live-{side['repeat']}" / REFERENCE_DIR
+        frame = read_steps(ref_dir)
+        if frame.empty:
+            return None
+        frames.append(frame)
+        if (ref_dir / "summary.json").exists():
+            handoffs += json.loads((ref_dir / "summary.json").read_text()).get("info", {}).get("handoffs", [])
+    if not frames:
+        return None
+    return _reference_factors(frames, cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs))
 
 
 def _probe_steps(runner, cost_model) -> list[dict[str, Any]]:
@@ -190,18 +293,28 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
     """Simulate the point (with the live side's speed factor, if any), then compare with its live runs."""
     from simulator.sim import Simulation
 
-    factor = doc.get("speed_factor")
-    if cost_model is not None and factor is not None:
+    factor, reference = doc.get("speed_factor"), doc.get("serving_reference")
+    if cost_model is not None and reference:
+        cost_model.use_serving_factors({kind: reference[kind] for kind in ("all", *SERVING_KINDS)})
+        link = reference.get("handoff_link")
+        if link:
+            cost_model.use_link_serving_factor(link["name"], link["serving_factor"])
+        factor = None
+    elif cost_model is not None and factor is not None:
         cost_model.scale(factor)
     result = Simulation(point.simulation, cost_model=cost_model).run(progress=progress)
     if factor is not None:
         result.summary["speed_factor"] = factor
         result.info["speed_factor"] = factor
+    if reference:
+        result.info["serving_reference"] = reference
     write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
     live = [side for side in doc["sides"] if side["side"] == "live"]
     doc["sides"] = [{"side": "simulate", "repeat": -1, "summary": _clean(result.summary)}, *live]
     title = f"[{point.slug}]"
     scaled = "" if factor is None else f", step times x {factor:.2f} for the machine's speed now"
+    if reference:
+        scaled = f", serving reference {_describe_reference(reference)}"
     echo(format_summary(result.summary, f"{title} {verb} ({result.info['cost_model']}{scaled})"))
     if live:
         table = compare(result.summary, [side["summary"] for side in live])
@@ -235,6 +348,9 @@ def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc:
         probes = _reprobe(pdir, doc, cost_model)
         if probes:
             doc["speed_factor"], doc["speed_probes"] = statistics.median(probes), probes
+        if doc.get("serving_reference"):
+            doc["serving_reference"] = (_point_reference(pdir, doc, cost_model, point.simulation.sagellm)
+                                        or doc["serving_reference"])
     _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated again")
     return doc
 

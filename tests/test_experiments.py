@@ -43,6 +43,7 @@ def _sim_only(**extra) -> dict:
         ({"sweep": {"variants": [{"sagellm.scheduler.mode": "both"}]}}, "sagellm.scheduler.mode"),
         ({"live": {"quiet_wait_s": -1.0}}, "live.quiet_wait_s"),
         ({"live": {"quiet_wait_s": 60.0}}, "live.quiet_wait_s"),  # without max_cpu_steal
+        ({"live": {"serving_reference_s": -5}}, "live.serving_reference_s"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -126,7 +127,7 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
         "name": "both", "hardware": "local", "sides": ["simulate", "live"],
         "sagellm": {"scheduler": {"max_num_seqs": 8}},
         "workload": {**WORKLOAD, "num_requests": 6, "arrival": {"kind": "poisson", "rate": 4.0}},
-        "live": {"repeats": 1, "warmup_requests": 1},
+        "live": {"repeats": 1, "warmup_requests": 1, "serving_reference_s": 1.0},
     })
     lines: list[str] = []
     run_dir = run_experiment(cfg, tmp_path, echo=lines.append, progress=False)
@@ -161,6 +162,20 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
 
     probes = _reprobe(run_dir / "points" / "000", done, _profiled_cost_model(cfg.points[0]))
     assert probes == pytest.approx(done["speed_probes"], rel=1e-9) and len(probes) == 2
+    # The serving reference ran before the run, on its own requests; its steps set the simulator's
+    # serving factors (read back from disk, they give the same ones) in place of the probe's.
+    ref = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "reference" / "requests.parquet")
+    assert len(ref) >= 1 and all(rid.startswith("ref-") for rid in ref["request_id"])
+    assert set(ref["request_id"]).isdisjoint(live["request_id"])
+    from experiments.runner import _point_reference
+
+    reference = done["serving_reference"]
+    assert reference["steps"] > 0 and reference["decode"] > 0 and reference["prefill"] > 0
+    assert _point_reference(run_dir / "points" / "000", done, _profiled_cost_model(cfg.points[0]),
+                            cfg.points[0].simulation.sagellm) == pytest.approx(reference, rel=1e-9)
+    sim_info = json.loads((run_dir / "points" / "000" / "simulate" / "summary.json").read_text())["info"]
+    assert sim_info["serving_reference"] == reference and "speed_factor" not in sim_info
+    assert "serving factors measured now" in sim_info["cost_model"]
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -260,3 +275,88 @@ def test_resimulating_reads_the_stored_speed_probes_again_against_the_profile_as
     del info["info"]["speed_probe_after"]
     (tmp_path / "live-1" / "summary.json").write_text(json.dumps(info))
     assert _reprobe(tmp_path, doc, model) is None
+
+
+def test_the_serving_reference_is_another_sample_of_the_workload_over_its_first_seconds():
+    from experiments.runner import reference_trace
+    from simulator.workloads import WorkloadSpec, generate
+
+    spec = WorkloadSpec.from_dict({**WORKLOAD, "num_requests": 50})
+    ref = reference_trace(spec, Path("."), 3.0)
+    other = list(generate(WorkloadSpec.from_dict({**WORKLOAD, "num_requests": 50, "seed": 3})))
+    assert [r.arrival_time for r in ref] == [r.arrival_time for r in other[:len(ref)]]
+    assert ref[-1].arrival_time - ref[0].arrival_time < 3.0 <= other[len(ref)].arrival_time - ref[0].arrival_time
+    assert [r.request_id for r in ref] == [f"ref-{r.request_id}" for r in other[:len(ref)]]
+    assert [(r.prompt_len, r.output_len) for r in ref] == [(r.prompt_len, r.output_len) for r in other[:len(ref)]]
+    assert len(reference_trace(spec, Path("."), 1e-9)) == 1  # always at least one request
+
+
+def test_serving_reference_factors_are_measured_over_profiled_time_per_kind_pooled_over_runs(tmp_path):
+    """Reference steps that ran 1.2x (decodes) and 0.9x (prefills) the profile's grid time give
+    those serving factors, pooled over the point's counted runs; the simulator then prices steps
+    with them instead of the probe-scaled profile factors."""
+    from experiments.results import read_steps
+    from experiments.runner import REFERENCE_DIR, _point_reference, _reference_factors
+    from sagellm.config import SageLLMConfig
+    from sagellm.graph import BatchShape
+    from sagellm.models.presets import model_shape
+    from simulator.cost.profiled import KNOTS, ProfiledCostModel
+
+    shape = model_shape("smollm2-135m")
+    model = ProfiledCostModel(shape, "float32", [0.02 + 0.001 * k for k in KNOTS] + [2e-11, 3e-12, 4e-10, 3e-3, 2e-4],
+                              serving_factors={"decode": 1.5, "prefill": 1.5})
+    decode = BatchShape.from_chunks([(100, 1)] * 5)
+    mixed = BatchShape.from_chunks([(100, 1)] * 2 + [(0, 64)])
+    doc = {"sides": [{"side": "simulate", "repeat": -1}]}
+    for r in range(2):
+        rows = ([{**asdict(decode), "seconds": 1.2 * model.predict(decode)}] * (25 + r)
+                + [{**asdict(mixed), "seconds": 0.9 * model.predict(mixed)}] * 12
+                + [{**asdict(BatchShape()), "seconds": 0.0}])  # an empty step is not counted
+        (tmp_path / f"live-{r}" / REFERENCE_DIR).mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(tmp_path / f"live-{r}" / REFERENCE_DIR / "steps.parquet")
+        doc["sides"].append({"side": "live", "repeat": r})
+    cfg = SageLLMConfig.from_dict({})
+    factors = _point_reference(tmp_path, doc, model, cfg)
+    assert factors["decode"] == pytest.approx(1.2) and factors["prefill"] == pytest.approx(0.9)
+    assert factors["steps"] == 51 + 24 and 0.9 < factors["all"] < 1.2
+    # One run alone has too few prefill steps (12 < 20) for a factor of their own: all steps' factor.
+    one = _reference_factors([read_steps(tmp_path / "live-0" / REFERENCE_DIR)], model)
+    assert one["prefill"] == one["all"] and one["decode"] == pytest.approx(1.2)
+    model.use_serving_factors({k: factors[k] for k in ("all", "decode", "prefill")})
+    assert model.batch_time(decode) == pytest.approx(1.2 * model.predict(decode))
+    assert model.batch_time(mixed) == pytest.approx(0.9 * model.predict(mixed))
+    with pytest.raises(ValueError, match="serving factors"):
+        model.use_serving_factors({"all": 1.0, "decode": 0.0, "prefill": 1.0})
+    # A counted run without a stored reference: no point factors (the probe's are used).
+    doc["sides"].append({"side": "live", "repeat": 2})
+    assert _point_reference(tmp_path, doc, model, cfg) is None
+    with pytest.raises(RuntimeError, match="no steps"):
+        _reference_factors([pd.DataFrame()], model)
+
+
+def test_the_serving_reference_prices_hand_offs_by_the_granularitys_link():
+    """Hand-offs timed in a STRICT reference: measured / fitted link time, block-wise for the whole
+    request's KV, layer-wise for one layer's piece (what is left after the prefill step)."""
+    from experiments.runner import _handoff_link
+    from sagellm.config import SageLLMConfig
+    from sagellm.models.presets import model_shape
+    from simulator.cost.profiled import KNOTS, ProfiledCostModel
+
+    shape = model_shape("smollm2-135m")
+    links = {"hbm->peer": {"bandwidth": 1e9, "latency": 1e-3, "serving_factor": 1.3},
+             "hbm->peer_layer": {"bandwidth": 5e8, "latency": 2e-3, "serving_factor": 2.0}}
+    model = ProfiledCostModel(shape, "float32", [0.02] * len(KNOTS) + [2e-11, 3e-12, 4e-10, 3e-3, 2e-4],
+                              meta={"kv_links": links})
+    pairs = [[3_000_000, 2 * (1e-3 + 3e-3)], [1_000_000, 2 * (1e-3 + 1e-3)]]  # twice the block link's fit
+    block = _handoff_link(SageLLMConfig.from_dict({"kv_cache": {"granularity": "block"}}), model, pairs)
+    assert block["name"] == "hbm->peer" and block["serving_factor"] == pytest.approx(2.0) and block["handoffs"] == 2
+    piece = 3_000_000 / shape.num_layers
+    layer_pairs = [[3_000_000, 0.5 * (2e-3 + piece / 5e8)]]
+    layer = _handoff_link(SageLLMConfig.from_dict({"kv_cache": {"granularity": "layer"}}), model, layer_pairs)
+    assert layer["name"] == "hbm->peer_layer" and layer["serving_factor"] == pytest.approx(0.5)
+    assert _handoff_link(SageLLMConfig.from_dict({}), model, []) is None  # no hand-offs
+    model.use_link_serving_factor("hbm->peer_layer", layer["serving_factor"])
+    assert model.transfer_time(int(piece), "hbm", "peer_layer") == pytest.approx(layer_pairs[0][1])
+    assert links["hbm->peer_layer"]["serving_factor"] == 2.0  # the profile's own links are not changed
+    with pytest.raises(ValueError, match="no such link"):
+        model.use_link_serving_factor("hbm->ddr", 1.0)

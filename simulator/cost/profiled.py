@@ -257,6 +257,25 @@ class ProfiledCostModel:
             self.serving_factors = {kind: kinds[kind] for kind in SERVING_KINDS}
             self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {mode} serving factors)"
 
+    def use_serving_factors(self, factors: dict[str, float]) -> None:
+        """Price serving steps with `factors` ({"all", "decode", "prefill"}: measured / grid time
+        of steps timed while serving now, e.g. an experiment's serving reference) in place of the
+        profile's own serving factors; replaces any `use_mode` or `scale` before it."""
+        if set(factors) != {"all", *SERVING_KINDS} or not all(f > 0 for f in factors.values()):
+            raise ValueError(f"serving factors: need factors > 0 for 'all' and {SERVING_KINDS}, got {factors}")
+        self.serving_factor = float(factors["all"])
+        self.serving_factors = {kind: float(factors[kind]) for kind in SERVING_KINDS}
+        self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, serving factors measured now)"
+
+    def use_link_serving_factor(self, name: str, factor: float) -> None:
+        """Price KV link `name` (e.g. "hbm->peer") with serving factor `factor` (hand-offs timed
+        while serving now, against the link's fit) in place of the profile's."""
+        if name not in self.kv_links:
+            raise ValueError(f"kv link {name!r}: the profile has no such link (it has {sorted(self.kv_links)})")
+        if not factor > 0:
+            raise ValueError(f"kv link {name!r}: serving factor must be > 0, got {factor}")
+        self.kv_links[name] = {**self.kv_links[name], "serving_factor": float(factor)}
+
     def step_time(self, out: SchedulerOutput) -> float:
         if not out.request_ids:
             return 0.0
