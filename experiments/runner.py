@@ -97,7 +97,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     measured = []
     probes: list[float] = []
     cost_model = _profiled_cost_model(point) if "simulate" in cfg.sides else None
-    # The live side runs first so that its speed probes can set the simulator's speed factor.
+    # The live side runs first so that its serving references (or speed probes) can set the simulator's step speed.
     if "live" in cfg.sides:
         trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
         reference = (reference_trace(sim_cfg.workload, sim_cfg.base_dir, cfg.live.serving_reference_s)
@@ -124,12 +124,12 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                 res.info["speed_probe_after"] = _probe_steps(runner, cost_model)
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
-            write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
             if ref is not None:
                 write_side(pdir / name / REFERENCE_DIR, ref.records, ref.summary, ref.info, steps=ref.steps)
                 res.info["serving_reference"] = _reference_factors(
                     [read_steps(pdir / name / REFERENCE_DIR)], cost_model,
                     _handoff_link(sim_cfg.sagellm, cost_model, ref.info.get("handoffs", [])))
+            write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
                  f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
@@ -192,15 +192,14 @@ def _handoff_link(sagellm_cfg, cost_model, handoffs: list) -> dict[str, Any] | N
         return None
     share = 1.0 / cost_model.shape.num_layers if layerwise else 1.0
     fitted = sum(link_time(link, size * share) for size, _ in handoffs)
-    return {"name": name, "serving_factor": sum(s for _, s in handoffs) / fitted, "handoffs": len(handoffs),
-            "pairs": [list(h) for h in handoffs]}
+    return {"name": name, "serving_factor": sum(s for _, s in handoffs) / fitted, "handoffs": len(handoffs)}
 
 
 def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
     """Serving factors of reference steps: measured / profiled (grid) time, for all steps and per
     kind (a kind with too few steps takes the factor of all), and how many steps there were; with
-    `link` (`_handoff_link`), the hand-off link's factor as `handoff_link` (without its pairs)."""
+    `link` (`_handoff_link`), the hand-off link's factor as `handoff_link`."""
     from sagellm.graph import BatchShape
 
     frames = [f for f in frames if not f.empty]
@@ -213,7 +212,7 @@ def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, A
     factors, _ = cost_model.serving_factors_of(batches, steps["seconds"].tolist(), [], [])
     out: dict[str, Any] = {**factors, "steps": len(batches)}
     if link is not None:
-        out["handoff_link"] = {k: v for k, v in link.items() if k != "pairs"}
+        out["handoff_link"] = link
     return out
 
 
