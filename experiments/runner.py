@@ -96,6 +96,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     sides: list[dict[str, Any]] = []
     measured = []
     probes: list[float] = []
+    reference = None
     cost_model = _profiled_cost_model(point) if "simulate" in cfg.sides else None
     # The live side runs first so that its serving references (or speed probes) can set the simulator's step speed.
     if "live" in cfg.sides:
