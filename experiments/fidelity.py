@@ -81,20 +81,16 @@ class StepCheck:
 def check_steps(cost_model: Any, steps: Any) -> list[StepCheck]:
     """`cost_model.batch_time` (a `ProfiledCostModel`, already scaled for the machine's speed) on
     every step of `steps` (a frame of `BatchShape` fields and `seconds`, the live runs' steps)."""
-    from sagellm.graph.batch import BatchShape
+    from experiments.results import step_batches
     from simulator.cost.profiled import SERVING_KINDS, serving_kind
 
     sums = {kind: [0, 0.0, 0.0] for kind in ("all", *SERVING_KINDS)}
-    fields = list(BatchShape.__dataclass_fields__)
-    for row in steps[[*fields, "seconds"]].itertuples(index=False):
-        batch = BatchShape(*(int(v) for v in row[:-1]))
-        if not batch.num_seqs:
-            continue
+    for batch, measured in zip(*step_batches(steps)):
         predicted = cost_model.batch_time(batch)
         for kind in ("all", serving_kind(batch.num_seqs, batch.num_decodes)):
             acc = sums[kind]
             acc[0] += 1
-            acc[1] += row[-1]
+            acc[1] += measured
             acc[2] += predicted
     return [StepCheck(kind, n, m, p) for kind, (n, m, p) in sums.items() if n]
 

@@ -77,6 +77,22 @@ def load_run(path: str | Path) -> RunData:
     return RunData(path, manifest, summary, fidelity)
 
 
+def step_batches(steps: pd.DataFrame) -> tuple[list, list[float]]:
+    """The non-empty steps of a `steps.parquet` frame as (`BatchShape`s, seconds)."""
+    from sagellm.graph.batch import BatchShape
+
+    fields = list(BatchShape.__dataclass_fields__)
+    batches, seconds = [], []
+    if steps.empty:
+        return batches, seconds
+    for row in steps[[*fields, "seconds"]].itertuples(index=False):
+        batch = BatchShape(*(int(v) for v in row[:-1]))
+        if batch.num_seqs:
+            batches.append(batch)
+            seconds.append(float(row[-1]))
+    return batches, seconds
+
+
 def read_steps(side_dir: Path) -> pd.DataFrame:
     """`steps.parquet` of a live side's folder, or an empty table when there is none."""
     path = Path(side_dir) / "steps.parquet"

@@ -20,7 +20,7 @@ import pandas as pd
 
 from experiments.config import ExperimentConfig, SweepPoint
 from experiments.fidelity import compare, format_table
-from experiments.results import read_steps, write_side
+from experiments.results import read_steps, step_batches, write_side
 from sagellm.config import ConfigError
 from sagellm.metrics.io import format_summary, jsonable
 from simulator.cost.profiled import SERVING_KINDS
@@ -179,8 +179,7 @@ def _handoff_link(sagellm_cfg, cost_model, handoffs: list) -> dict[str, Any] | N
     fitted time is that of its last layer's piece plus the link latency (the part left after the
     prefill step, as `simulator.pd_cluster.HandoffLink` prices it). None without hand-offs or
     without a calibrated link."""
-    from sagellm.engine.kv_calibration import link_time
-    from sagellm.engine.pd_calibration import LINK_NAMES
+    from sagellm.engine.pd_calibration import LINK_NAMES, handoff_serving_factor
 
     if not handoffs:
         return None
@@ -192,8 +191,7 @@ def _handoff_link(sagellm_cfg, cost_model, handoffs: list) -> dict[str, Any] | N
     if link is None:
         return None
     share = 1.0 / cost_model.shape.num_layers if layerwise else 1.0
-    fitted = sum(link_time(link, size * share) for size, _ in handoffs)
-    return {"name": name, "serving_factor": sum(s for _, s in handoffs) / fitted, "handoffs": len(handoffs)}
+    return {"name": name, "serving_factor": handoff_serving_factor(link, handoffs, share), "handoffs": len(handoffs)}
 
 
 def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, Any] | None = None
@@ -201,16 +199,14 @@ def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, A
     """Serving factors of reference steps: measured / profiled (grid) time, for all steps and per
     kind (a kind with too few steps takes the factor of all), and how many steps there were; with
     `link` (`_handoff_link`), the hand-off link's factor as `handoff_link`."""
-    from sagellm.graph import BatchShape
-
-    frames = [f for f in frames if not f.empty]
-    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"num_seqs": []})
-    steps = steps[steps["num_seqs"] > 0]
-    if steps.empty:
+    batches, seconds = [], []
+    for frame in frames:
+        b, s = step_batches(frame)
+        batches += b
+        seconds += s
+    if not batches:
         raise RuntimeError("the serving reference ran no steps")
-    fields = ["num_tokens", "num_seqs", "num_decodes", "num_sampled", "attention_pairs", "kv_context_tokens"]
-    batches = [BatchShape(*map(int, row)) for row in steps[fields].itertuples(index=False)]
-    factors, _ = cost_model.serving_factors_of(batches, steps["seconds"].tolist(), [], [])
+    factors, _ = cost_model.serving_factors_of(batches, seconds, [], [])
     out: dict[str, Any] = {**factors, "steps": len(batches)}
     if link is not None:
         out["handoff_link"] = link

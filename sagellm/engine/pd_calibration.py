@@ -63,12 +63,18 @@ def measure_handoff_link(config: SageLLMConfig, repeats: int = 5,
             points = sorted((size * share, statistics.median(times)) for size, times in by_size.items())
             link = fit_link([x for x, _ in points], [y for _, y in points])
             served = serve_and_time_handoffs(engine, granularity, serving_requests) if serving_requests else []
-        fitted = sum(link_time(link, size * share) for size, _ in served)
-        factor = sum(seconds for _, seconds in served) / fitted if served else 1.0
+        factor = handoff_serving_factor(link, served, share) if served else 1.0
         links[name] = {**link, "serving_factor": factor, "samples": sum(len(t) for t in by_size.values()),
                        "serving_samples": len(served), "points": points,
                        "cpu_steal": steal_fraction(cpu_before, CpuTimes.read())}
     return links
+
+
+def handoff_serving_factor(link: dict[str, float], handoffs: list, share: float = 1.0) -> float:
+    """Hand-offs timed while serving ((bytes, seconds) pairs) against the fitted `link`: measured /
+    fitted seconds, summed, where each hand-off is priced for `share` of its bytes (1 / layers for
+    layer-wise hand-offs: the last layer's piece, what is left after the prefill step)."""
+    return sum(seconds for _, seconds in handoffs) / sum(link_time(link, size * share) for size, _ in handoffs)
 
 
 def serve_and_time_handoffs(engine, granularity: str, num_requests: int = 24, rate: float = 0.5,

@@ -76,6 +76,11 @@ SERVING_KINDS = ("decode", "prefill")
 MIN_KIND_STEPS = 20
 
 
+def _check_kind_factors(factors: dict[str, float], where: str) -> None:
+    if set(factors) != {"all", *SERVING_KINDS} or not all(f > 0 for f in factors.values()):
+        raise ValueError(f"{where}: needs factors > 0 for 'all' and {SERVING_KINDS}, got {factors}")
+
+
 def serving_kind(num_seqs: int, num_decodes: int) -> str:
     """"decode" when every row of the step is a decode, else "prefill"."""
     return "decode" if num_seqs == num_decodes else "prefill"
@@ -204,9 +209,7 @@ class ProfiledCostModel:
             mode: {kind: float(f) for kind, f in kinds.items()}
             for mode, kinds in (self.meta.get("serving_factors_by_mode") or {}).items()}
         for mode, kinds in self.mode_serving_factors.items():
-            if set(kinds) != {"all", *SERVING_KINDS} or not all(f > 0 for f in kinds.values()):
-                raise ValueError(f"serving_factors_by_mode.{mode}: needs factors > 0 for 'all' and {SERVING_KINDS}, "
-                                 f"got {kinds}")
+            _check_kind_factors(kinds, f"serving_factors_by_mode.{mode}")
         self.name = f"profiled({self.meta.get('id', model_key(shape))})"
         # The non-token features are linear in BatchShape: fold them into one weight per batch field.
         num_knots = len(self.knots)
@@ -253,19 +256,17 @@ class ProfiledCostModel:
         `scale`."""
         kinds = self.mode_serving_factors.get(mode)
         if kinds is not None:
-            self.serving_factor = kinds["all"]
-            self.serving_factors = {kind: kinds[kind] for kind in SERVING_KINDS}
-            self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {mode} serving factors)"
+            self.use_serving_factors(kinds, f"{mode} serving factors")
 
-    def use_serving_factors(self, factors: dict[str, float]) -> None:
+    def use_serving_factors(self, factors: dict[str, float], label: str = "serving factors measured now") -> None:
         """Price serving steps with `factors` ({"all", "decode", "prefill"}: measured / grid time
-        of steps timed while serving now, e.g. an experiment's serving reference) in place of the
-        profile's own serving factors; replaces any `use_mode` or `scale` before it."""
-        if set(factors) != {"all", *SERVING_KINDS} or not all(f > 0 for f in factors.values()):
-            raise ValueError(f"serving factors: need factors > 0 for 'all' and {SERVING_KINDS}, got {factors}")
+        of steps timed while serving, e.g. an experiment's serving reference) in place of the
+        profile's own serving factors; replaces any `use_mode` or `scale` before it. `label` goes
+        into the model's name."""
+        _check_kind_factors(factors, "serving factors")
         self.serving_factor = float(factors["all"])
         self.serving_factors = {kind: float(factors[kind]) for kind in SERVING_KINDS}
-        self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, serving factors measured now)"
+        self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {label})"
 
     def use_link_serving_factor(self, name: str, factor: float) -> None:
         """Price KV link `name` (e.g. "hbm->peer") with serving factor `factor` (hand-offs timed
