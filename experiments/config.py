@@ -60,7 +60,11 @@ class LiveConfig:
     + 1) arriving in its first `serving_reference_s` seconds (at least one). Its steps, timed while
     serving, set the simulator's serving factors (measured / profiled step time, per kind, over
     the point's counted runs' references) in place of the probe's speed factor times the
-    profile's own serving factors. The measured runs' steps are never used to set them."""
+    profile's own serving factors. The measured runs' steps are never used to set them.
+    `serving_reference_requests: N` sizes the reference by requests instead: the first N of that
+    sample (over the whole workload's length, its steps have the measured run's mix of batch
+    shapes, where a few seconds from an empty engine have fewer rows per step). Set one or the
+    other."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -70,8 +74,18 @@ class LiveConfig:
     speed_probe: bool = True
     quiet_wait_s: float = 0.0
     serving_reference_s: float = 0.0
+    serving_reference_requests: int = 0
+
+    @property
+    def serving_reference(self) -> bool:
+        return bool(self.serving_reference_s or self.serving_reference_requests)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.serving_reference_requests, int) and self.serving_reference_requests >= 0):
+            raise ConfigError(f"live.serving_reference_requests: must be an integer >= 0 (0: size the reference "
+                              f"by live.serving_reference_s), got {self.serving_reference_requests!r}")
+        if self.serving_reference_requests and self.serving_reference_s:
+            raise ConfigError("live.serving_reference_requests: set it or live.serving_reference_s, not both")
         if not self.serving_reference_s >= 0:
             raise ConfigError(f"live.serving_reference_s: must be >= 0 seconds (0: no reference run), "
                               f"got {self.serving_reference_s}")

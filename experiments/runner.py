@@ -101,8 +101,9 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     # The live side runs first so that its serving references (or speed probes) can set the simulator's step speed.
     if "live" in cfg.sides:
         trace = list(generate(sim_cfg.workload, sim_cfg.base_dir))
-        reference = (reference_trace(sim_cfg.workload, sim_cfg.base_dir, cfg.live.serving_reference_s)
-                     if cfg.live.serving_reference_s and cost_model is not None else None)
+        reference = (reference_trace(sim_cfg.workload, sim_cfg.base_dir, cfg.live.serving_reference_s,
+                                     cfg.live.serving_reference_requests)
+                     if cfg.live.serving_reference and cost_model is not None else None)
         runner = live.get(sim_cfg)
         probe = cfg.live.speed_probe and cost_model is not None
         limit = cfg.live.max_cpu_steal
@@ -157,19 +158,23 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
 REFERENCE_DIR = "reference"
 
 
-def reference_trace(workload, base_dir: Path, seconds: float) -> list:
+def reference_trace(workload, base_dir: Path, seconds: float, requests: int = 0) -> list:
     """The serving reference's requests: those of another sample of `workload` (seed + 1) that
-    arrive in its first `seconds` (at least the first one), ids prefixed "ref-"."""
+    arrive in its first `seconds` (at least the first one), or with `requests` > 0 its first
+    `requests` (all of them when it has fewer); ids prefixed "ref-"."""
     from dataclasses import replace
 
     sample = generate(replace(workload, seed=workload.seed + 1), base_dir)
     trace = []
     for tr in sample:
-        if trace and tr.arrival_time - trace[0].arrival_time >= seconds:
+        if requests and len(trace) >= requests:
+            break
+        if not requests and trace and tr.arrival_time - trace[0].arrival_time >= seconds:
             break
         trace.append(replace(tr, request_id=f"ref-{tr.request_id}"))
     if not trace:
-        raise ConfigError("live.serving_reference_s: the workload has no requests to serve as a reference")
+        field = "serving_reference_requests" if requests else "serving_reference_s"
+        raise ConfigError(f"live.{field}: the workload has no requests to serve as a reference")
     return trace
 
 

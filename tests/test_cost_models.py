@@ -337,3 +337,33 @@ def test_the_calibration_workload_is_seeded_and_fits_the_context() -> None:
         assert 8 <= req.max_new_tokens <= 96 and len(req.prompt_token_ids) + req.max_new_tokens < 200
         assert req.ignore_eos and req.temperature == 0.0 and max(req.prompt_token_ids) < 1000
     assert [r.request_id for _, r in timed[:2]] == ["w-0", "w-1"]
+
+
+@pytest.mark.parametrize("flags, isa", [
+    ("fpu sse2 avx avx2 fma", "avx2"),
+    ("fpu avx avx2 avx512f avx512bw avx512_bf16", "avx512"),
+    ("fpu sse2 avx", "avx"),
+    ("fpu sse2", ""),
+])
+def test_the_vector_isa_is_the_widest_the_cpu_flags_list(flags, isa):
+    from sagellm.backends.cpuinfo import cpu_vector_isa
+
+    lines = ["processor\t: 0\n", "model name\t: Some CPU\n", f"flags\t\t: {flags}\n", "processor\t: 1\n"]
+    assert cpu_vector_isa(lines) == isa
+    assert cpu_vector_isa(["processor\t: 0\n", "Features\t: fp asimd sve\n"]) == "sve"  # arm64 names them Features
+
+
+def test_a_machine_that_hides_avx512_gets_a_profile_of_its_own(monkeypatch):
+    """The same CPU model with and without AVX-512 runs steps at different speeds (seen on this
+    project's AMD EPYC VMs), so 'local' must not price one with the other's profile."""
+    import simulator.cost.profiled as profiled
+
+    ids = {}
+    for isa in ("avx512", "avx2", ""):
+        monkeypatch.setattr(profiled, "cpu_vector_isa", lambda isa=isa: isa)
+        monkeypatch.setattr(profiled, "cpu_model_name", lambda: "AMD EPYC")
+        monkeypatch.setattr(profiled.os, "cpu_count", lambda: 2)
+        ids[isa] = profiled.profile_id(SHAPE, "float32")
+        assert profiled.machine_identity()["isa"] == isa
+    assert ids["avx512"].startswith("cpu-amd-epyc-avx512-2c__") and ids["avx2"].startswith("cpu-amd-epyc-avx2-2c__")
+    assert ids[""].startswith("cpu-amd-epyc-2c__") and len(set(ids.values())) == 3

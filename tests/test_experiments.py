@@ -44,6 +44,8 @@ def _sim_only(**extra) -> dict:
         ({"live": {"quiet_wait_s": -1.0}}, "live.quiet_wait_s"),
         ({"live": {"quiet_wait_s": 60.0}}, "live.quiet_wait_s"),  # without max_cpu_steal
         ({"live": {"serving_reference_s": -5}}, "live.serving_reference_s"),
+        ({"live": {"serving_reference_requests": 2.5}}, "live.serving_reference_requests"),
+        ({"live": {"serving_reference_requests": 10, "serving_reference_s": 5}}, "live.serving_reference_requests"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -289,6 +291,9 @@ def test_the_serving_reference_is_another_sample_of_the_workload_over_its_first_
     assert [r.request_id for r in ref] == [f"ref-{r.request_id}" for r in other[:len(ref)]]
     assert [(r.prompt_len, r.output_len) for r in ref] == [(r.prompt_len, r.output_len) for r in other[:len(ref)]]
     assert len(reference_trace(spec, Path("."), 1e-9)) == 1  # always at least one request
+    by_count = reference_trace(spec, Path("."), 0.0, requests=20)
+    assert [r.request_id for r in by_count] == [f"ref-{r.request_id}" for r in other[:20]]
+    assert len(reference_trace(spec, Path("."), 0.0, requests=500)) == 50  # all of a shorter sample
 
 
 def test_serving_reference_factors_are_measured_over_profiled_time_per_kind_pooled_over_runs(tmp_path):

@@ -1,17 +1,39 @@
-"""This machine's CPU name, from /proc/cpuinfo where there is one (standard library only)."""
+"""This machine's CPU: its name and widest vector instruction set, from /proc/cpuinfo where there
+is one (standard library only)."""
 
 from __future__ import annotations
 
 import platform
 
+# Widest first: the first whose flag /proc/cpuinfo lists names the instruction set the math
+# libraries (oneDNN, OpenBLAS) pick their kernels for. A VM may hide a host's AVX-512, and the
+# same CPU model then runs the model at another speed.
+_VECTOR_ISAS = (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"), ("sve", "sve"), ("neon", "asimd"))
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.readlines()
+    except OSError:
+        return []
+
 
 def cpu_model_name() -> str:
     """The "model name" line of /proc/cpuinfo, else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_vector_isa(lines: list[str] | None = None) -> str:
+    """The widest vector instruction set the CPU's flags list ("avx512", "avx2", "avx", "sve",
+    "neon"), or "" when /proc/cpuinfo lists none of them (or there is no /proc/cpuinfo)."""
+    flags: set[str] = set()
+    for line in _cpuinfo_lines() if lines is None else lines:
+        key = line.split(":", 1)[0].strip()
+        if key in ("flags", "Features") and ":" in line:
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return next((isa for isa, flag in _VECTOR_ISAS if flag in flags), "")

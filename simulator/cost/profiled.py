@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm.backends.cpuinfo import cpu_model_name
+from sagellm.backends.cpuinfo import cpu_model_name, cpu_vector_isa
 from sagellm.config import ConfigError
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.graph import BatchShape, step_operators
@@ -124,8 +124,10 @@ def _dot(a: list[float], b: list[float]) -> float:
 
 
 def machine_identity() -> dict[str, Any]:
-    """This machine as profiles record it (standard library only, so lookups need no torch)."""
-    return {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "system": platform.system()}
+    """This machine as profiles record it (standard library only, so lookups need no torch):
+    the CPU's name, its widest vector instruction set (`isa`), core count and OS."""
+    return {"cpu": cpu_model_name(), "isa": cpu_vector_isa(), "cpu_count": os.cpu_count(),
+            "system": platform.system()}
 
 
 def model_key(shape: ModelShape) -> str:
@@ -134,11 +136,15 @@ def model_key(shape: ModelShape) -> str:
 
 
 def profile_id(shape: ModelShape, dtype: str, device: str = "cpu", threads: int | None = None) -> str:
-    """The profile's name: device, CPU, core count, and `-<n>t` when it was timed with `threads`
-    threads other than one per core (a worker of a multi-process cluster runs one thread)."""
+    """The profile's name: device, CPU, its vector instruction set, core count, and `-<n>t` when
+    it was timed with `threads` threads other than one per core (a worker of a multi-process
+    cluster runs one thread). The instruction set is part of the name because one CPU model runs
+    the same step at another speed where a VM hides its AVX-512 (seen on this project's AMD EPYC)."""
     ident = machine_identity()
     cpu = "".join(ch if ch.isalnum() else "-" for ch in ident["cpu"].lower()).strip("-")
     cpu = "-".join(p for p in cpu.split("-") if p)[:40]
+    if ident["isa"]:
+        cpu = f"{cpu}-{ident['isa']}"
     suffix = f"-{threads}t" if threads and threads != ident["cpu_count"] else ""
     return f"{device}-{cpu}-{ident['cpu_count']}c{suffix}__{model_key(shape)}__{dtype}"
 
