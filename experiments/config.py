@@ -64,7 +64,11 @@ class LiveConfig:
     `serving_reference_requests: N` sizes the reference by requests instead: the first N of that
     sample (over the whole workload's length, its steps have the measured run's mix of batch
     shapes, where a few seconds from an empty engine have fewer rows per step). Set one or the
-    other."""
+    other. `reference_prediction` says how the references price the point: "paired" (default)
+    simulates once per counted live run with that run's own reference, and the prediction is the
+    median of those simulations, as the measurement is the median of the runs (the machine's
+    speed moves from run to run, and latency is not linear in step speed); "pooled" simulates once
+    with the references' steps pooled over the runs."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -75,6 +79,7 @@ class LiveConfig:
     quiet_wait_s: float = 0.0
     serving_reference_s: float = 0.0
     serving_reference_requests: int = 0
+    reference_prediction: str = "paired"
 
     @property
     def serving_reference(self) -> bool:
@@ -84,6 +89,9 @@ class LiveConfig:
         if not (isinstance(self.serving_reference_requests, int) and self.serving_reference_requests >= 0):
             raise ConfigError(f"live.serving_reference_requests: must be an integer >= 0 (0: size the reference "
                               f"by live.serving_reference_s), got {self.serving_reference_requests!r}")
+        if self.reference_prediction not in ("paired", "pooled"):
+            raise ConfigError(f"live.reference_prediction: must be 'paired' (one simulation per live run, with "
+                              f"its own reference) or 'pooled', got {self.reference_prediction!r}")
         if self.serving_reference_requests and self.serving_reference_s:
             raise ConfigError("live.serving_reference_requests: set it or live.serving_reference_s, not both")
         if not self.serving_reference_s >= 0:

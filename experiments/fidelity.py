@@ -23,7 +23,9 @@ TOLERANCES = {"request_throughput": 0.05, "output_throughput": 0.05, "tpot_mean"
 @dataclass(frozen=True)
 class FidelityRow:
     """One metric: the prediction, the median of the live repeats, their min and max, and
-    (predicted - measured) / measured."""
+    (predicted - measured) / measured. With one prediction per live run (paired with each run's
+    serving reference), `predicted` is their median and `predicted_min`/`predicted_max` their
+    spread; with a single prediction both are None."""
 
     metric: str
     predicted: float
@@ -32,6 +34,8 @@ class FidelityRow:
     measured_max: float
     relative_error: float
     tolerance: float | None
+    predicted_min: float | None = None
+    predicted_max: float | None = None
 
     @property
     def within(self) -> bool | None:
@@ -43,17 +47,26 @@ class FidelityRow:
         return {**self.__dict__, "within_tolerance": self.within}
 
 
-def compare(predicted: dict[str, float], measured_runs: list[dict[str, float]]) -> list[FidelityRow]:
-    """One row per metric in FIDELITY_METRICS present in both sides."""
+def _values(runs: list[dict[str, float]], metric: str) -> list[float]:
+    return [r[metric] for r in runs if r.get(metric) is not None and not math.isnan(r[metric])]
+
+
+def compare(predicted: dict[str, float] | list[dict[str, float]],
+            measured_runs: list[dict[str, float]]) -> list[FidelityRow]:
+    """One row per metric in FIDELITY_METRICS present in both sides. `predicted` is one
+    simulation's summary, or a list of them (one per live run): then their median is the
+    prediction, compared with the median of the live runs, and their min and max are kept."""
+    several = isinstance(predicted, list)
     rows = []
     for m in FIDELITY_METRICS:
-        vals = [r[m] for r in measured_runs if m in r and r[m] is not None and not math.isnan(r[m])]
-        p = predicted.get(m)
-        if not vals or p is None or math.isnan(p):
+        vals = _values(measured_runs, m)
+        preds = _values(predicted, m) if several else _values([predicted], m)
+        if not vals or not preds:
             continue
-        med = statistics.median(vals)
+        p, med = statistics.median(preds), statistics.median(vals)
         err = (p - med) / med if med else math.nan
-        rows.append(FidelityRow(m, p, med, min(vals), max(vals), err, TOLERANCES.get(m)))
+        spread = (min(preds), max(preds)) if several else (None, None)
+        rows.append(FidelityRow(m, p, med, min(vals), max(vals), err, TOLERANCES.get(m), *spread))
     return rows
 
 
@@ -104,15 +117,23 @@ def format_step_check(checks: list[StepCheck], title: str = "") -> str:
 
 
 def format_table(rows: list[FidelityRow], title: str = "") -> str:
-    """Aligned text table; latencies in ms, throughputs and ratios as they are, spread = live min..max."""
+    """Aligned text table; latencies in ms, throughputs and ratios as they are, spread = live
+    min..max (and, with one prediction per live run, the predictions' min..max)."""
     lines = [title] if title else []
-    lines.append(f"  {'metric':<20}{'predicted':>12}{'measured':>12}{'live spread':>22}{'error':>9}  ok")
+    paired = any(r.predicted_min is not None for r in rows)
+    sim_head = f"{'sim spread':>22}" if paired else ""
+    lines.append(f"  {'metric':<20}{'predicted':>12}{sim_head}{'measured':>12}{'live spread':>22}{'error':>9}  ok")
     for r in rows:
         latency = r.metric.startswith(("ttft", "tpot", "e2e_latency", "handoff"))
         scale = 1e3 if latency else 1.0
         unit = " ms" if latency else ""
         spread = f"{r.measured_min * scale:.1f}..{r.measured_max * scale:.1f}{unit}"
+        sim = ""
+        if paired:
+            sim = ("" if r.predicted_min is None
+                   else f"{r.predicted_min * scale:.1f}..{r.predicted_max * scale:.1f}{unit}")
+            sim = f"{sim:>22}"
         ok = {True: "yes", False: "NO", None: ""}[r.within]
-        lines.append(f"  {r.metric:<20}{r.predicted * scale:>12.2f}{r.measured * scale:>12.2f}{spread:>22}"
+        lines.append(f"  {r.metric:<20}{r.predicted * scale:>12.2f}{sim}{r.measured * scale:>12.2f}{spread:>22}"
                      f"{r.relative_error:>+9.1%}  {ok}")
     return "\n".join(lines)

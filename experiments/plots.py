@@ -70,18 +70,20 @@ def sweep_keys(run: RunData) -> list[str]:
 
 
 def side_dirs(run: RunData, point: str) -> dict[str, list[str]]:
-    """Sides of `point` that have per-request data: {"simulate": ["simulate"], "live": ["live-0", ...]}.
+    """Sides of `point` that have per-request data: {"simulate": ["simulate"], "live": ["live-0", ...]}
+    (with one simulation per live run, "simulate": ["simulate-0", ...]).
 
-    Live repeats are in numeric order; a side without any `requests.parquet` is absent from the result.
+    Repeats are in numeric order; a side without any `requests.parquet` is absent from the result.
     """
     base = run.path / "points" / point
     found: dict[str, list[str]] = {}
-    if (base / "simulate" / "requests.parquet").is_file():
-        found["simulate"] = ["simulate"]
-    repeats = [d.name for d in base.glob("live-*")
-               if d.name.removeprefix("live-").isdigit() and (d / "requests.parquet").is_file()]
-    if repeats:
-        found["live"] = sorted(repeats, key=lambda name: int(name.removeprefix("live-")))
+    for side in ("simulate", "live"):
+        repeats = [d.name for d in base.glob(f"{side}-*")
+                   if d.name.removeprefix(f"{side}-").isdigit() and (d / "requests.parquet").is_file()]
+        if repeats:
+            found[side] = sorted(repeats, key=lambda name: int(name.removeprefix(f"{side}-")))
+        elif side == "simulate" and (base / "simulate" / "requests.parquet").is_file():
+            found[side] = ["simulate"]
     return found
 
 

@@ -151,7 +151,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
     if reference and sides:
         doc["serving_reference"] = _point_reference(pdir, doc, cost_model, sim_cfg.sagellm)
     if "simulate" in cfg.sides:
-        _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated")
+        _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated", cfg.live.reference_prediction)
     return doc
 
 
@@ -226,10 +226,10 @@ def _describe_reference(ref: dict[str, Any]) -> str:
     return text
 
 
-def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -> dict[str, Any] | None:
-    """The serving factors of the point's counted live runs' reference steps (and hand-offs),
-    pooled; None when a counted run has no stored reference."""
-    frames, handoffs = [], []
+def _stored_references(pdir: Path, doc: dict[str, Any]) -> list[tuple[int, pd.DataFrame, list]] | None:
+    """(repeat, reference steps, reference hand-offs) of each counted live run of the point; None
+    when a counted run has no stored reference (or there is no counted run)."""
+    out = []
     for side in doc["sides"]:
         if side["side"] != "live":
             continue
@@ -237,12 +237,41 @@ def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -
         frame = read_steps(ref_dir)
         if frame.empty:
             return None
-        frames.append(frame)
+        handoffs = []
         if (ref_dir / "summary.json").exists():
-            handoffs += json.loads((ref_dir / "summary.json").read_text()).get("info", {}).get("handoffs", [])
-    if not frames:
+            handoffs = json.loads((ref_dir / "summary.json").read_text()).get("info", {}).get("handoffs", [])
+        out.append((side["repeat"], frame, handoffs))
+    return out or None
+
+
+def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -> dict[str, Any] | None:
+    """The serving factors of the point's counted live runs' reference steps (and hand-offs),
+    pooled; None when a counted run has no stored reference."""
+    stored = _stored_references(pdir, doc)
+    if stored is None:
         return None
-    return _reference_factors(frames, cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs))
+    handoffs = [h for _, _, hs in stored for h in hs]
+    return _reference_factors([frame for _, frame, _ in stored], cost_model,
+                              _handoff_link(sagellm_cfg, cost_model, handoffs))
+
+
+def _paired_references(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg
+                       ) -> list[tuple[int, dict[str, Any]]] | None:
+    """(repeat, serving factors of that run's own reference) for each counted live run, read
+    from the stored reference steps against `cost_model`'s profile; None when a run has none."""
+    stored = _stored_references(pdir, doc)
+    if stored is None:
+        return None
+    return [(repeat, _reference_factors([frame], cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs)))
+            for repeat, frame, handoffs in stored]
+
+
+def _use_reference(cost_model, reference: dict[str, Any]) -> None:
+    """Price steps (and the hand-off link) with a serving reference's factors."""
+    cost_model.use_serving_factors({kind: reference[kind] for kind in ("all", *SERVING_KINDS)})
+    link = reference.get("handoff_link")
+    if link:
+        cost_model.use_link_serving_factor(link["name"], link["serving_factor"])
 
 
 def _probe_steps(runner, cost_model) -> list[dict[str, Any]]:
@@ -290,16 +319,28 @@ def _profiled_cost_model(point: SweepPoint):
 
 
 def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_model, echo: Callable[[str], None],
-                    progress: bool, verb: str) -> None:
-    """Simulate the point (with the live side's speed factor, if any), then compare with its live runs."""
+                    progress: bool, verb: str, reference_prediction: str = "pooled") -> None:
+    """Simulate the point (with the live side's serving reference or speed factor, if any), then
+    compare with its live runs. With `reference_prediction` "paired" and a reference stored for
+    every counted live run, the point is simulated once per run with that run's own reference
+    (`simulate-<k>/`), and the fidelity table compares the median of those predictions with the
+    median of the runs; otherwise once (`simulate/`)."""
+    import shutil
+
+    live = [side for side in doc["sides"] if side["side"] == "live"]
+    paired = None
+    if reference_prediction == "paired" and cost_model is not None and doc.get("serving_reference") and live:
+        paired = _paired_references(pdir, doc, cost_model, point.simulation.sagellm)
+    for stale in ([pdir / "simulate"] if paired else list(pdir.glob("simulate-*"))):
+        shutil.rmtree(stale, ignore_errors=True)  # the other way's predictions, from an earlier (re)simulation
+    if paired:
+        _simulate_paired(point, pdir, doc, paired, live, echo, verb)
+        return
     from simulator.sim import Simulation
 
     factor, reference = doc.get("speed_factor"), doc.get("serving_reference")
     if cost_model is not None and reference:
-        cost_model.use_serving_factors({kind: reference[kind] for kind in ("all", *SERVING_KINDS)})
-        link = reference.get("handoff_link")
-        if link:
-            cost_model.use_link_serving_factor(link["name"], link["serving_factor"])
+        _use_reference(cost_model, reference)
         factor = None
     elif cost_model is not None and factor is not None:
         cost_model.scale(factor)
@@ -310,8 +351,8 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
     if reference:
         result.info["serving_reference"] = reference
     write_side(pdir / "simulate", result.records, result.summary, result.info, result.kv_usage)
-    live = [side for side in doc["sides"] if side["side"] == "live"]
     doc["sides"] = [{"side": "simulate", "repeat": -1, "summary": _clean(result.summary)}, *live]
+    doc.pop("paired_references", None)
     title = f"[{point.slug}]"
     scaled = "" if factor is None else f", step times x {factor:.2f} for the machine's speed now"
     if reference:
@@ -319,27 +360,69 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
     echo(format_summary(result.summary, f"{title} {verb} ({result.info['cost_model']}{scaled})"))
     if live:
         table = compare(result.summary, [side["summary"] for side in live])
-        doc["fidelity"] = [_clean(r.to_dict()) for r in table]
-        pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
-        echo(format_table(table, f"{title} predicted vs measured (median of {len(live)} live runs)"))
-        _check_steps(pdir, doc, cost_model, title, echo)
+        _write_fidelity(pdir, doc, table, echo, f"{title} predicted vs measured (median of {len(live)} live runs)")
+        _check_steps(pdir, doc, [(side["repeat"], cost_model) for side in live], title, echo)
 
 
-def _check_steps(pdir: Path, doc: dict[str, Any], cost_model, title: str, echo: Callable[[str], None]) -> None:
-    """Price the counted live runs' own steps with the (scaled) cost model: `doc["step_check"]`."""
-    from experiments.fidelity import check_steps, format_step_check
+def _simulate_paired(point: SweepPoint, pdir: Path, doc: dict[str, Any], paired: list[tuple[int, dict[str, Any]]],
+                     live: list[dict[str, Any]], echo: Callable[[str], None], verb: str) -> None:
+    """One simulation per counted live run, priced by that run's own serving reference."""
+    from simulator.sim import Simulation
+
+    title = f"[{point.slug}]"
+    sims, models = [], []
+    for repeat, reference in paired:
+        model = _profiled_cost_model(point)  # a fresh model per run: nothing of another run's reference stays
+        _use_reference(model, reference)
+        result = Simulation(point.simulation, cost_model=model).run(progress=False)
+        result.info["serving_reference"] = reference
+        write_side(pdir / f"simulate-{repeat}", result.records, result.summary, result.info, result.kv_usage)
+        sims.append({"side": "simulate", "repeat": repeat, "summary": _clean(result.summary)})
+        models.append((repeat, model))
+        summary = result.summary
+        echo(f"{title} {verb} for live run {repeat} with its reference ({_describe_reference(reference)}): "
+             f"TTFT mean {summary['ttft_mean'] * 1e3:.0f} ms, TPOT mean {summary['tpot_mean'] * 1e3:.1f} ms, "
+             f"{summary['request_throughput']:.3f} req/s")
+    doc["sides"] = [*sims, *live]
+    doc["paired_references"] = [{"repeat": repeat, **reference} for repeat, reference in paired]
+    table = compare([side["summary"] for side in sims], [side["summary"] for side in live])
+    _write_fidelity(pdir, doc, table, echo, f"{title} predicted vs measured (median of {len(sims)} simulations, "
+                                            f"each with its live run's reference, vs median of {len(live)} live runs)")
+    _check_steps(pdir, doc, models, title, echo)
+
+
+def _write_fidelity(pdir: Path, doc: dict[str, Any], table: list, echo: Callable[[str], None], title: str) -> None:
+    doc["fidelity"] = [_clean(r.to_dict()) for r in table]
+    pd.DataFrame([r.to_dict() for r in table]).to_csv(pdir / "fidelity.csv", index=False)
+    echo(format_table(table, title))
+
+
+def _check_steps(pdir: Path, doc: dict[str, Any], models: list[tuple[int, Any]], title: str,
+                 echo: Callable[[str], None]) -> None:
+    """Price each counted live run's own steps with the cost model that predicted it ((repeat,
+    model) pairs: the point's model, or each run's own with paired references), summed over the
+    runs: `doc["step_check"]`."""
+    from experiments.fidelity import StepCheck, check_steps, format_step_check
     from experiments.results import read_steps
 
-    if cost_model is None:
+    sums: dict[str, list] = {}
+    runs = 0
+    for repeat, model in models:
+        frame = read_steps(pdir / f"live-{repeat}")
+        if model is None or frame.empty:
+            continue
+        runs += 1
+        for c in check_steps(model, frame):
+            acc = sums.setdefault(c.kind, [0, 0.0, 0.0])
+            acc[0] += c.num_steps
+            acc[1] += c.measured_s
+            acc[2] += c.predicted_s
+    if not runs:
         return
-    frames = [read_steps(pdir / f"live-{side['repeat']}") for side in doc["sides"] if side["side"] == "live"]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return
-    checks = check_steps(cost_model, pd.concat(frames, ignore_index=True))
+    checks = [StepCheck(kind, n, m, p) for kind, (n, m, p) in sums.items()]
     doc["step_check"] = [_clean(c.to_dict()) for c in checks]
-    echo(format_step_check(checks, f"{title} step times on the {len(frames)} live runs' own batches "
-                                   "(the cost model as scaled for this point)"))
+    echo(format_step_check(checks, f"{title} step times on the {runs} live runs' own batches "
+                                   "(the cost model as scaled for each run)"))
 
 
 def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc: dict[str, Any],
@@ -352,7 +435,7 @@ def _resimulate_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, doc:
         if doc.get("serving_reference"):
             doc["serving_reference"] = (_point_reference(pdir, doc, cost_model, point.simulation.sagellm)
                                         or doc["serving_reference"])
-    _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated again")
+    _simulate_point(point, pdir, doc, cost_model, echo, progress, "simulated again", cfg.live.reference_prediction)
     return doc
 
 
@@ -484,9 +567,9 @@ def _jsonable_config(raw: dict[str, Any]) -> Any:
     return json.loads(json.dumps(raw, default=str))
 
 
-# Live settings that change how long a measurement may take, not what is measured: a resumed run
-# may change them (e.g. to wait longer for a quiet machine).
-_HOW_TO_MEASURE = ("max_attempts", "quiet_wait_s", "timeout_s")
+# Live settings that change how long a measurement may take, or how it is predicted, not what is
+# measured: a resumed run may change them (e.g. to wait longer for a quiet machine).
+_HOW_TO_MEASURE = ("max_attempts", "quiet_wait_s", "timeout_s", "reference_prediction")
 
 
 def _what_is_measured(config: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def _sim_only(**extra) -> dict:
         ({"live": {"serving_reference_s": -5}}, "live.serving_reference_s"),
         ({"live": {"serving_reference_requests": 2.5}}, "live.serving_reference_requests"),
         ({"live": {"serving_reference_requests": 10, "serving_reference_s": 5}}, "live.serving_reference_requests"),
+        ({"live": {"reference_prediction": "mean"}}, "live.reference_prediction"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -140,7 +141,9 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     fidelity = pd.read_csv(run_dir / "fidelity.csv")
     assert {"request_throughput", "ttft_mean", "tpot_mean", "e2e_latency_p99"} <= set(fidelity["metric"])
     live = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "requests.parquet")
-    sim = pd.read_parquet(run_dir / "points" / "000" / "simulate" / "requests.parquet")
+    # Paired references (the default): one simulation per live run, priced by that run's reference.
+    sim = pd.read_parquet(run_dir / "points" / "000" / "simulate-0" / "requests.parquet")
+    assert not (run_dir / "points" / "000" / "simulate").exists()
     assert list(live.columns) == list(sim.columns)
     assert sorted(live["num_output_tokens"]) == sorted(sim["num_output_tokens"])  # identical work on both sides
     assert (run_dir / "plots" / "cdf_000.png").stat().st_size > 0
@@ -175,9 +178,18 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     assert reference["steps"] > 0 and reference["decode"] > 0 and reference["prefill"] > 0
     assert _point_reference(run_dir / "points" / "000", done, _profiled_cost_model(cfg.points[0]),
                             cfg.points[0].simulation.sagellm) == pytest.approx(reference, rel=1e-9)
-    sim_info = json.loads((run_dir / "points" / "000" / "simulate" / "summary.json").read_text())["info"]
-    assert sim_info["serving_reference"] == reference and "speed_factor" not in sim_info
+    sim_info = json.loads((run_dir / "points" / "000" / "simulate-0" / "summary.json").read_text())["info"]
+    assert sim_info["serving_reference"] == pytest.approx(reference, rel=1e-9) and "speed_factor" not in sim_info
     assert "serving factors measured now" in sim_info["cost_model"]
+    assert [(s["side"], s["repeat"]) for s in done["sides"]] == [("simulate", 0), ("live", 0)]
+    # The same run resimulated pooled: one simulation in simulate/, the paired one removed. With one
+    # run the pooled reference is that run's, so the predictions are identical.
+    pooled = ExperimentConfig.from_dict({**cfg.raw, "live": {**cfg.raw["live"], "reference_prediction": "pooled"}})
+    run_experiment(pooled, tmp_path, resume=run_dir, resimulate=True, echo=lambda s: None, progress=False)
+    assert not (run_dir / "points" / "000" / "simulate-0").exists()
+    again = pd.read_parquet(run_dir / "points" / "000" / "simulate" / "requests.parquet")
+    pd.testing.assert_frame_equal(again, sim)
+    assert json.loads((run_dir / "points" / "000" / "done.json").read_text())["sides"][0]["repeat"] == -1
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -332,9 +344,19 @@ def test_serving_reference_factors_are_measured_over_profiled_time_per_kind_pool
     assert model.batch_time(mixed) == pytest.approx(0.9 * model.predict(mixed))
     with pytest.raises(ValueError, match="serving factors"):
         model.use_serving_factors({"all": 1.0, "decode": 0.0, "prefill": 1.0})
+    # Paired: each run's own reference gives that run's factors (run 1's decodes ran slower here).
+    from experiments.runner import _paired_references
+
+    rows = [{**asdict(decode), "seconds": 1.5 * model.predict(decode)}] * 30
+    pd.DataFrame(rows).to_parquet(tmp_path / "live-1" / REFERENCE_DIR / "steps.parquet")
+    paired = _paired_references(tmp_path, doc, model, cfg)
+    assert [r for r, _ in paired] == [0, 1]
+    assert paired[0][1]["decode"] == pytest.approx(1.2) and paired[1][1]["decode"] == pytest.approx(1.5)
+    assert paired[1][1]["steps"] == 30 and paired[1][1]["prefill"] == paired[1][1]["all"]
     # A counted run without a stored reference: no point factors (the probe's are used).
     doc["sides"].append({"side": "live", "repeat": 2})
     assert _point_reference(tmp_path, doc, model, cfg) is None
+    assert _paired_references(tmp_path, doc, model, cfg) is None
     with pytest.raises(RuntimeError, match="no steps"):
         _reference_factors([pd.DataFrame()], model)
 
@@ -365,3 +387,19 @@ def test_the_serving_reference_prices_hand_offs_by_the_granularitys_link():
     assert links["hbm->peer_layer"]["serving_factor"] == 2.0  # the profile's own links are not changed
     with pytest.raises(ValueError, match="no such link"):
         model.use_link_serving_factor("hbm->ddr", 1.0)
+
+
+def test_paired_predictions_are_compared_median_to_median_and_keep_their_spread():
+    from experiments.fidelity import compare, format_table
+
+    measured = [{"tpot_mean": v, "ttft_mean": 1.0} for v in (0.10, 0.12, 0.20)]
+    predicted = [{"tpot_mean": v, "ttft_mean": 1.1} for v in (0.11, 0.30, 0.125)]
+    rows = {r.metric: r for r in compare(predicted, measured)}
+    tpot = rows["tpot_mean"]
+    assert tpot.predicted == pytest.approx(0.125) and tpot.measured == pytest.approx(0.12)
+    assert (tpot.predicted_min, tpot.predicted_max) == (0.11, 0.30)
+    assert tpot.relative_error == pytest.approx(0.125 / 0.12 - 1) and tpot.within
+    assert rows["ttft_mean"].relative_error == pytest.approx(0.1)
+    assert "sim spread" in format_table(list(rows.values())) and "110.0..300.0 ms" in format_table([tpot])
+    single = compare({"tpot_mean": 0.125}, measured)[0]  # one simulation: no spread
+    assert single.predicted_min is None and "sim spread" not in format_table([single])

@@ -134,6 +134,11 @@ def test_ecdf_sorts_drops_missing_and_reaches_one() -> None:
 def test_side_dirs_finds_both_sides_in_repeat_order(fidelity_run: Path) -> None:
     run = load_run(fidelity_run)
     assert plots.side_dirs(run, run.points[0]) == {"simulate": ["simulate"], "live": ["live-0", "live-1"]}
+    # One simulation per live run (paired serving references): those, in repeat order.
+    base = fidelity_run / "points" / run.points[0]
+    for k in (1, 0):
+        shutil.copytree(base / "simulate", base / f"simulate-{k}")
+    assert plots.side_dirs(run, run.points[0])["simulate"] == ["simulate-0", "simulate-1"]
 
 
 def test_plot_cdfs_writes_png(fidelity_run: Path, tmp_path: Path) -> None:
