@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -97,12 +98,21 @@ def load_model_weights(path: Path, dtype: torch.dtype) -> tuple[ModelShape, dict
 
 
 def read_model_shape(path: Path) -> ModelShape:
-    """Only the shape of the model at `path` (GGUF metadata or config.json), without loading weights."""
+    """Only the shape of the model at `path` (GGUF metadata or config.json), without loading weights.
+    A GGUF file's shape is read once per version of the file (path, size, modification time):
+    parsing its metadata takes seconds, and an experiment resolves the same model's shape for every
+    simulation."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory; nothing is downloaded from a hub")
     if path.is_dir():
         return read_hf_config(path)
+    stat = path.stat()
+    return _read_gguf_shape(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelShape:
     check_gguf_file(path)
     try:
         reader = GGUFReader(path)
