@@ -68,7 +68,10 @@ class LiveConfig:
     simulates once per counted live run with that run's own reference, and the prediction is the
     median of those simulations, as the measurement is the median of the runs (the machine's
     speed moves from run to run, and latency is not linear in step speed); "pooled" simulates once
-    with the references' steps pooled over the runs."""
+    with the references' steps pooled over the runs. With `serving_reference_after`, a reference
+    is also served right after each run; it is also the next run's reference before it (one more
+    reference per point than runs). A run is priced by the steps of its references before and after
+    it together, so a drift of the machine's speed that is steady over the run cancels."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -80,6 +83,7 @@ class LiveConfig:
     serving_reference_s: float = 0.0
     serving_reference_requests: int = 0
     reference_prediction: str = "paired"
+    serving_reference_after: bool = False
 
     @property
     def serving_reference(self) -> bool:
@@ -92,6 +96,12 @@ class LiveConfig:
         if self.reference_prediction not in ("paired", "pooled"):
             raise ConfigError(f"live.reference_prediction: must be 'paired' (one simulation per live run, with "
                               f"its own reference) or 'pooled', got {self.reference_prediction!r}")
+        if not isinstance(self.serving_reference_after, bool):
+            raise ConfigError(f"live.serving_reference_after: must be true or false, "
+                              f"got {self.serving_reference_after!r}")
+        if self.serving_reference_after and not self.serving_reference:
+            raise ConfigError("live.serving_reference_after: needs a reference (live.serving_reference_requests "
+                              "or live.serving_reference_s)")
         if self.serving_reference_requests and self.serving_reference_s:
             raise ConfigError("live.serving_reference_requests: set it or live.serving_reference_s, not both")
         if not self.serving_reference_s >= 0:

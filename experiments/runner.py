@@ -108,6 +108,7 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
         probe = cfg.live.speed_probe and cost_model is not None
         limit = cfg.live.max_cpu_steal
         attempt = 0
+        after_ref = None  # the reference served after the previous attempt: this attempt's reference before it
         while len(measured) < cfg.live.repeats:
             if attempt >= cfg.live.max_attempts:
                 raise RuntimeError(
@@ -115,9 +116,11 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
                     f"CPU to other VMs in {attempt} attempts; the machine is too noisy to measure now")
             before = _probe_when_quiet(runner, cost_model, cfg.live, title, echo) if probe else None
             before_steps = _probe_steps(runner, cost_model) if probe else None
-            ref = runner.run(reference, None, cfg.live.timeout_s) if reference else None
+            ref = after_ref or (runner.run(reference, None, cfg.live.timeout_s) if reference else None)
             res = runner.run(trace, sim_cfg.slo.to_slo(), cfg.live.timeout_s)
             after = cost_model.speed_factor(runner.probe()) if probe else None
+            after_ref = (runner.run(reference, None, cfg.live.timeout_s)
+                         if reference and cfg.live.serving_reference_after else None)
             steal = res.info.get("cpu_steal")
             counted = limit is None or steal is None or steal <= limit
             if probe:
@@ -127,10 +130,13 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             if ref is not None:
-                write_side(pdir / name / REFERENCE_DIR, ref.records, ref.summary, ref.info, steps=ref.steps)
+                handoffs = []
+                for sub, served in ((REFERENCE_DIR, ref), (REFERENCE_AFTER_DIR, after_ref)):
+                    if served is not None:
+                        write_side(pdir / name / sub, served.records, served.summary, served.info, steps=served.steps)
+                        handoffs += served.info.get("handoffs", [])
                 res.info["serving_reference"] = _reference_factors(
-                    [read_steps(pdir / name / REFERENCE_DIR)], cost_model,
-                    _handoff_link(sim_cfg.sagellm, cost_model, ref.info.get("handoffs", [])))
+                    _reference_frames(pdir / name), cost_model, _handoff_link(sim_cfg.sagellm, cost_model, handoffs))
             write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
@@ -156,6 +162,14 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
 
 
 REFERENCE_DIR = "reference"
+REFERENCE_AFTER_DIR = "reference-after"
+
+
+def _reference_frames(run_dir: Path) -> list[pd.DataFrame]:
+    """The steps of a live run's stored serving references: the one before it, and the one after
+    it when there is one (`live.serving_reference_after`); empty frames are left out."""
+    frames = [read_steps(run_dir / sub) for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR) if (run_dir / sub).is_dir()]
+    return [frame for frame in frames if not frame.empty]
 
 
 def reference_trace(workload, base_dir: Path, seconds: float, requests: int = 0) -> list:
@@ -226,21 +240,22 @@ def _describe_reference(ref: dict[str, Any]) -> str:
     return text
 
 
-def _stored_references(pdir: Path, doc: dict[str, Any]) -> list[tuple[int, pd.DataFrame, list]] | None:
-    """(repeat, reference steps, reference hand-offs) of each counted live run of the point; None
-    when a counted run has no stored reference (or there is no counted run)."""
+def _stored_references(pdir: Path, doc: dict[str, Any]) -> list[tuple[int, list[pd.DataFrame], list]] | None:
+    """(repeat, reference steps, reference hand-offs) of each counted live run of the point, with
+    the steps and hand-offs of its references before and (if stored) after it; None when a counted
+    run has no stored reference before it (or there is no counted run)."""
     out = []
     for side in doc["sides"]:
         if side["side"] != "live":
             continue
-        ref_dir = pdir / f"live-{side['repeat']}" / REFERENCE_DIR
-        frame = read_steps(ref_dir)
-        if frame.empty:
+        run_dir = pdir / f"live-{side['repeat']}"
+        if read_steps(run_dir / REFERENCE_DIR).empty:
             return None
         handoffs = []
-        if (ref_dir / "summary.json").exists():
-            handoffs = json.loads((ref_dir / "summary.json").read_text()).get("info", {}).get("handoffs", [])
-        out.append((side["repeat"], frame, handoffs))
+        for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR):
+            if (run_dir / sub / "summary.json").exists():
+                handoffs += json.loads((run_dir / sub / "summary.json").read_text()).get("info", {}).get("handoffs", [])
+        out.append((side["repeat"], _reference_frames(run_dir), handoffs))
     return out or None
 
 
@@ -251,19 +266,19 @@ def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -
     if stored is None:
         return None
     handoffs = [h for _, _, hs in stored for h in hs]
-    return _reference_factors([frame for _, frame, _ in stored], cost_model,
+    return _reference_factors([frame for _, frames, _ in stored for frame in frames], cost_model,
                               _handoff_link(sagellm_cfg, cost_model, handoffs))
 
 
 def _paired_references(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg
                        ) -> list[tuple[int, dict[str, Any]]] | None:
-    """(repeat, serving factors of that run's own reference) for each counted live run, read
+    """(repeat, serving factors of that run's own references) for each counted live run, read
     from the stored reference steps against `cost_model`'s profile; None when a run has none."""
     stored = _stored_references(pdir, doc)
     if stored is None:
         return None
-    return [(repeat, _reference_factors([frame], cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs)))
-            for repeat, frame, handoffs in stored]
+    return [(repeat, _reference_factors(frames, cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs)))
+            for repeat, frames, handoffs in stored]
 
 
 def _use_reference(cost_model, reference: dict[str, Any]) -> None:

@@ -47,6 +47,8 @@ def _sim_only(**extra) -> dict:
         ({"live": {"serving_reference_requests": 2.5}}, "live.serving_reference_requests"),
         ({"live": {"serving_reference_requests": 10, "serving_reference_s": 5}}, "live.serving_reference_requests"),
         ({"live": {"reference_prediction": "mean"}}, "live.reference_prediction"),
+        ({"live": {"serving_reference_after": True}}, "live.serving_reference_after"),  # no reference to repeat
+        ({"live": {"serving_reference_requests": 5, "serving_reference_after": "yes"}}, "live.serving_reference_after"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -190,6 +192,30 @@ def test_small_experiment_on_both_sides_writes_the_fidelity_report(tmp_path):
     again = pd.read_parquet(run_dir / "points" / "000" / "simulate" / "requests.parquet")
     pd.testing.assert_frame_equal(again, sim)
     assert json.loads((run_dir / "points" / "000" / "done.json").read_text())["sides"][0]["repeat"] == -1
+
+
+@pytest.mark.slow
+def test_a_reference_after_each_run_is_the_next_runs_reference_before_it(tmp_path):
+    cfg = ExperimentConfig.from_dict({
+        "name": "bracketed", "hardware": "local", "sides": ["simulate", "live"],
+        "sagellm": {"scheduler": {"max_num_seqs": 8}},
+        "workload": {**WORKLOAD, "num_requests": 4, "arrival": {"kind": "poisson", "rate": 8.0}},
+        "live": {"repeats": 2, "warmup_requests": 1, "speed_probe": False, "serving_reference_requests": 2,
+                 "serving_reference_after": True},
+    })
+    run_dir = run_experiment(cfg, tmp_path, echo=lambda s: None, progress=False)
+    pdir = run_dir / "points" / "000"
+    before = [pd.read_parquet(pdir / f"live-{r}" / "reference" / "requests.parquet") for r in (0, 1)]
+    after = [pd.read_parquet(pdir / f"live-{r}" / "reference-after" / "requests.parquet") for r in (0, 1)]
+    # Served between the two runs once: run 0's reference after it is run 1's reference before it.
+    pd.testing.assert_frame_equal(after[0], before[1])
+    assert not before[0].equals(before[1]) and not after[0].equals(after[1])  # three references in all
+    assert all(len(f) == 2 and f["request_id"].str.startswith("ref-").all() for f in before + after)
+    done = json.loads((pdir / "done.json").read_text())
+    steps = [len(pd.read_parquet(pdir / f"live-{r}" / sub / "steps.parquet"))
+             for r in (0, 1) for sub in ("reference", "reference-after")]
+    assert [p["steps"] for p in done["paired_references"]] == [steps[0] + steps[1], steps[2] + steps[3]]
+    assert done["serving_reference"]["steps"] == sum(steps)
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -353,6 +379,16 @@ def test_serving_reference_factors_are_measured_over_profiled_time_per_kind_pool
     assert [r for r, _ in paired] == [0, 1]
     assert paired[0][1]["decode"] == pytest.approx(1.2) and paired[1][1]["decode"] == pytest.approx(1.5)
     assert paired[1][1]["steps"] == 30 and paired[1][1]["prefill"] == paired[1][1]["all"]
+    # A reference after run 0 as well (decodes at 1.0x): run 0 is priced by both together.
+    from experiments.runner import REFERENCE_AFTER_DIR
+
+    (tmp_path / "live-0" / REFERENCE_AFTER_DIR).mkdir()
+    rows = [{**asdict(decode), "seconds": 1.0 * model.predict(decode)}] * 25
+    pd.DataFrame(rows).to_parquet(tmp_path / "live-0" / REFERENCE_AFTER_DIR / "steps.parquet")
+    bracketed = dict(_paired_references(tmp_path, doc, model, cfg))
+    assert bracketed[0]["decode"] == pytest.approx(1.1) and bracketed[0]["steps"] == 37 + 25
+    assert bracketed[1] == paired[1][1]
+    assert _point_reference(tmp_path, doc, model, cfg)["steps"] == 37 + 25 + 30
     # A counted run without a stored reference: no point factors (the probe's are used).
     doc["sides"].append({"side": "live", "repeat": 2})
     assert _point_reference(tmp_path, doc, model, cfg) is None
