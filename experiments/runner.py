@@ -130,13 +130,12 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             r = len(measured)
             name = f"live-{r}" if counted else f"rejected-{attempt}"
             if ref is not None:
-                handoffs = []
                 for sub, served in ((REFERENCE_DIR, ref), (REFERENCE_AFTER_DIR, after_ref)):
                     if served is not None:
                         write_side(pdir / name / sub, served.records, served.summary, served.info, steps=served.steps)
-                        handoffs += served.info.get("handoffs", [])
                 res.info["serving_reference"] = _reference_factors(
-                    _reference_frames(pdir / name), cost_model, _handoff_link(sim_cfg.sagellm, cost_model, handoffs))
+                    _reference_frames(pdir / name), cost_model,
+                    _handoff_link(sim_cfg.sagellm, cost_model, _reference_handoffs(pdir / name)))
             write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
@@ -170,6 +169,15 @@ def _reference_frames(run_dir: Path) -> list[pd.DataFrame]:
     it when there is one (`live.serving_reference_after`); empty frames are left out."""
     frames = [read_steps(run_dir / sub) for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR) if (run_dir / sub).is_dir()]
     return [frame for frame in frames if not frame.empty]
+
+
+def _reference_handoffs(run_dir: Path) -> list:
+    """The (bytes, seconds) hand-offs timed in a live run's stored serving references."""
+    handoffs = []
+    for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR):
+        if (run_dir / sub / "summary.json").exists():
+            handoffs += json.loads((run_dir / sub / "summary.json").read_text()).get("info", {}).get("handoffs", [])
+    return handoffs
 
 
 def reference_trace(workload, base_dir: Path, seconds: float, requests: int = 0) -> list:
@@ -251,11 +259,7 @@ def _stored_references(pdir: Path, doc: dict[str, Any]) -> list[tuple[int, list[
         run_dir = pdir / f"live-{side['repeat']}"
         if read_steps(run_dir / REFERENCE_DIR).empty:
             return None
-        handoffs = []
-        for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR):
-            if (run_dir / sub / "summary.json").exists():
-                handoffs += json.loads((run_dir / sub / "summary.json").read_text()).get("info", {}).get("handoffs", [])
-        out.append((side["repeat"], _reference_frames(run_dir), handoffs))
+        out.append((side["repeat"], _reference_frames(run_dir), _reference_handoffs(run_dir)))
     return out or None
 
 
