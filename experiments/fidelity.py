@@ -72,8 +72,9 @@ def compare(predicted: dict[str, float] | list[dict[str, float]],
 
 @dataclass(frozen=True)
 class StepCheck:
-    """The cost model against the live runs' own steps: for each step kind ("all", and
-    `simulator.cost.profiled.SERVING_KINDS`), the number of steps, the measured and predicted
+    """The cost model against the live runs' own steps: for each step kind ("all",
+    `simulator.cost.profiled.SERVING_KINDS`, and decode row bands `BAND_KEYS`), the number of
+    steps, the measured and predicted
     seconds summed over them, and predicted / measured - 1. It separates an error in step time (the
     cost model, or the machine's speed during the run vs its speed probe) from an error in what the
     simulator's run did with those steps (batching, queueing)."""
@@ -95,12 +96,13 @@ def check_steps(cost_model: Any, steps: Any) -> list[StepCheck]:
     """`cost_model.batch_time` (a `ProfiledCostModel`, already scaled for the machine's speed) on
     every step of `steps` (a frame of `BatchShape` fields and `seconds`, the live runs' steps)."""
     from experiments.results import step_batches
-    from simulator.cost.profiled import SERVING_KINDS, serving_kind
+    from simulator.cost.profiled import BAND_KEYS, SERVING_KINDS, decode_band, serving_kind
 
-    sums = {kind: [0, 0.0, 0.0] for kind in ("all", *SERVING_KINDS)}
+    sums = {kind: [0, 0.0, 0.0] for kind in ("all", *SERVING_KINDS, *BAND_KEYS)}
     for batch, measured in zip(*step_batches(steps)):
         predicted = cost_model.batch_time(batch)
-        for kind in ("all", serving_kind(batch.num_seqs, batch.num_decodes)):
+        step_kind = serving_kind(batch.num_seqs, batch.num_decodes)
+        for kind in ("all", step_kind, *([decode_band(batch.num_seqs)] if step_kind == "decode" else [])):
             acc = sums[kind]
             acc[0] += 1
             acc[1] += measured

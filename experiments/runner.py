@@ -23,7 +23,7 @@ from experiments.fidelity import compare, format_table
 from experiments.results import read_steps, step_batches, write_side
 from sagellm.config import ConfigError
 from sagellm.metrics.io import format_summary, jsonable
-from simulator.cost.profiled import SERVING_KINDS
+from simulator.cost.profiled import BAND_KEYS, SERVING_KINDS
 from simulator.workloads import generate
 
 PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarrow", "matplotlib")
@@ -223,8 +223,9 @@ def _handoff_link(sagellm_cfg, cost_model, handoffs: list) -> dict[str, Any] | N
 
 def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
-    """Serving factors of reference steps: measured / profiled (grid) time, for all steps and per
-    kind (a kind with too few steps takes the factor of all), and how many steps there were; with
+    """Serving factors of reference steps: measured / profiled (grid) time, for all steps, per
+    kind (a kind with too few steps takes the factor of all) and per decode row band with enough
+    steps (`ProfiledCostModel.serving_factors_of`), and how many steps there were; with
     `link` (`_handoff_link`), the hand-off link's factor as `handoff_link`."""
     batches, seconds = [], []
     for frame in frames:
@@ -242,6 +243,9 @@ def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, A
 
 def _describe_reference(ref: dict[str, Any]) -> str:
     text = f"{ref['decode']:.2f}x decode, {ref['prefill']:.2f}x prefill steps ({ref['steps']} steps)"
+    bands = [key.removeprefix("decode_rows_") for key in BAND_KEYS if key in ref]
+    if bands:
+        text += f", decode rows {'/'.join(bands)} {'/'.join(f'{ref[k]:.2f}' for k in BAND_KEYS if k in ref)}x"
     link = ref.get("handoff_link")
     if link:
         text += f", {link['serving_factor']:.2f}x the {link['name']} link ({link['handoffs']} hand-offs)"
@@ -286,8 +290,10 @@ def _paired_references(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg
 
 
 def _use_reference(cost_model, reference: dict[str, Any]) -> None:
-    """Price steps (and the hand-off link) with a serving reference's factors."""
-    cost_model.use_serving_factors({kind: reference[kind] for kind in ("all", *SERVING_KINDS)})
+    """Price steps (and the hand-off link) with a serving reference's factors (kinds, and the
+    decode row bands it had enough steps of)."""
+    keys = ("all", *SERVING_KINDS, *BAND_KEYS)
+    cost_model.use_serving_factors({key: f for key, f in reference.items() if key in keys})
     link = reference.get("handoff_link")
     if link:
         cost_model.use_link_serving_factor(link["name"], link["serving_factor"])

@@ -174,6 +174,47 @@ def test_serving_factors_are_fitted_per_step_kind_and_scale_together(tmp_path):
     assert few.serving_factors["prefill"] == few.serving_factor != few.serving_factors["decode"]
 
 
+def test_decode_steps_are_priced_by_their_row_bands_factor_when_serving_had_enough_of_them(tmp_path):
+    """Serving ran decode steps of 4-5 rows 10% faster relative to the grid than steps of 1-3 rows
+    (as on the AMD EPYC): a row band with `MIN_KIND_STEPS` steps gets its own factor and prices
+    decode steps of its rows; a band with fewer steps takes the decode factor."""
+    from simulator.cost.profiled import MIN_KIND_STEPS, decode_band
+
+    truth = _truth()
+    rng = random.Random(9)
+
+    def decodes(rows):
+        return BatchShape.from_chunks([(rng.randint(20, 900), 1) for _ in range(rows)])
+
+    small = [decodes(1 + i % 3) for i in range(3 * MIN_KIND_STEPS)]
+    four_five = [decodes(4 + i % 2) for i in range(MIN_KIND_STEPS)]
+    rare = [decodes(7) for _ in range(MIN_KIND_STEPS - 1)]
+    prompts = [BatchShape.from_chunks([(0, rng.randint(16, 400)), (300, 1)]) for _ in range(MIN_KIND_STEPS)]
+    steps = small + four_five + rare + prompts
+    seconds = ([1.0 * truth.predict(b) for b in small] + [0.9 * truth.predict(b) for b in four_five]
+               + [0.95 * truth.predict(b) for b in rare] + [1.1 * truth.predict(b) for b in prompts])
+    factors, _ = truth.serving_factors_of(steps, seconds, [], [])
+    assert [decode_band(n) for n in (2, 5, 40)] == ["decode_rows_2", "decode_rows_4-5", "decode_rows_17+"]
+    assert factors["decode_rows_1"] == pytest.approx(1.0) and factors["decode_rows_4-5"] == pytest.approx(0.9)
+    assert "decode_rows_6-8" not in factors  # 19 steps: too few for a factor of their own
+    assert 0.9 < factors["decode"] < 1.0 and factors["prefill"] == pytest.approx(1.1)
+
+    model = ProfiledCostModel(SHAPE, "float32", truth.coefficients)
+    model.use_serving_factors(factors)
+    for batch, measured in zip(steps, seconds):
+        if batch.num_seqs != 7:
+            assert model.batch_time(batch) == pytest.approx(measured)
+    seven = rare[0]
+    assert model.batch_time(seven) == pytest.approx(factors["decode"] * truth.predict(seven))
+    model.scale(2.0)
+    assert model.batch_time(four_five[0]) == pytest.approx(2 * 0.9 * truth.predict(four_five[0]))
+    path = tmp_path / "p.json"
+    model.save(path, "label\n")
+    assert ProfiledCostModel.load(path).serving_factors == model.serving_factors
+    with pytest.raises(ValueError, match="decode row bands"):
+        model.use_serving_factors({"all": 1.0, "decode": 1.0, "prefill": 1.0, "decode_rows_99": 1.0})
+
+
 def test_serving_factors_are_relative_to_the_speed_probe_timed_around_the_serving_steps():
     """The machine ran 1.25x slower while the serving steps were timed than while the grid was: the
     probe timed around them shows it, and the serving factors keep only the serving loop's own cost

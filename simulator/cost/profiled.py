@@ -74,16 +74,48 @@ _BATCH_FIELDS = ("num_tokens", "num_seqs", "num_decodes", "num_sampled", "attent
 # Serving steps are told apart by kind for the serving factor: only decodes, or some prompt chunk.
 SERVING_KINDS = ("decode", "prefill")
 MIN_KIND_STEPS = 20
+# Decode steps are told apart further by their number of rows (inclusive bands; None: no upper
+# bound). The grid's time of a decode step is not off from serving by the same amount at every row
+# count: on the AMD EPYC, decode steps of 4-5 rows ran 8-10% faster relative to the grid than
+# steps of 1-3 or 6-8 rows while serving, in every load-sweep run of session 13.
+DECODE_BANDS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 2), (3, 3), (4, 5), (6, 8), (9, 16), (17, None))
+
+
+def _band_key(lo: int, hi: int | None) -> str:
+    return f"decode_rows_{lo}" if lo == hi else f"decode_rows_{lo}+" if hi is None else f"decode_rows_{lo}-{hi}"
+
+
+BAND_KEYS = tuple(_band_key(lo, hi) for lo, hi in DECODE_BANDS)
+
+
+def decode_band(num_seqs: int) -> str:
+    """The `BAND_KEYS` entry of a decode step of `num_seqs` rows (>= 1)."""
+    for (lo, hi), key in zip(DECODE_BANDS, BAND_KEYS):
+        if num_seqs >= lo and (hi is None or num_seqs <= hi):
+            return key
+    raise ValueError(f"a decode step has at least one row, got {num_seqs}")
 
 
 def _check_kind_factors(factors: dict[str, float], where: str) -> None:
-    if set(factors) != {"all", *SERVING_KINDS} or not all(f > 0 for f in factors.values()):
-        raise ValueError(f"{where}: needs factors > 0 for 'all' and {SERVING_KINDS}, got {factors}")
+    keys = set(factors)
+    if (not {"all", *SERVING_KINDS} <= keys or not keys <= {"all", *SERVING_KINDS, *BAND_KEYS}
+            or not all(f > 0 for f in factors.values())):
+        raise ValueError(f"{where}: needs factors > 0 for 'all' and {SERVING_KINDS}, and optionally for decode "
+                         f"row bands {BAND_KEYS}; got {factors}")
 
 
 def serving_kind(num_seqs: int, num_decodes: int) -> str:
     """"decode" when every row of the step is a decode, else "prefill"."""
     return "decode" if num_seqs == num_decodes else "prefill"
+
+
+def serving_factor_of(factors: dict[str, float], num_seqs: int, num_decodes: int) -> float:
+    """The factor in `factors` (kinds, and optional decode row bands) that prices a step of
+    `num_seqs` rows of which `num_decodes` decode: its row band's for a decode step when
+    `factors` has one, else its kind's."""
+    if num_seqs == num_decodes:
+        return factors.get(decode_band(num_seqs), factors["decode"])
+    return factors["prefill"]
 
 
 def token_basis(num_tokens: int, knots: tuple[int, ...] = KNOTS) -> list[float]:
@@ -204,8 +236,9 @@ class ProfiledCostModel:
         self.copy_bandwidth, self.copy_latency = copy_bandwidth, copy_latency
         self.kv_links: dict[str, dict[str, float]] = dict(self.meta.get("kv_links") or {})
         factors = {kind: serving_factor for kind in SERVING_KINDS} | dict(serving_factors or {})
-        if set(factors) != set(SERVING_KINDS):
-            raise ValueError(f"serving_factors: kinds are {SERVING_KINDS}, got {sorted(factors)}")
+        if not set(factors) <= {*SERVING_KINDS, *BAND_KEYS}:
+            raise ValueError(f"serving_factors: keys are the kinds {SERVING_KINDS} and decode row bands "
+                             f"{BAND_KEYS}, got {sorted(factors)}")
         for kind, f in {"all": serving_factor, **factors}.items():
             if not f > 0:
                 raise ValueError(f"serving factor ({kind}) must be > 0, got {f}")
@@ -241,7 +274,7 @@ class ProfiledCostModel:
         """`step_time` of a step whose shape is `batch`: the grid time x its kind's serving factor."""
         if not batch.num_seqs:
             return 0.0
-        return self.predict(batch) * self.serving_factors[serving_kind(batch.num_seqs, batch.num_decodes)]
+        return self.predict(batch) * serving_factor_of(self.serving_factors, batch.num_seqs, batch.num_decodes)
 
     def speed_factor(self, samples: list[Any]) -> float:
         """How much slower (> 1) or faster the machine runs `samples` (calibration samples of a
@@ -265,13 +298,13 @@ class ProfiledCostModel:
             self.use_serving_factors(kinds, f"{mode} serving factors")
 
     def use_serving_factors(self, factors: dict[str, float], label: str = "serving factors measured now") -> None:
-        """Price serving steps with `factors` ({"all", "decode", "prefill"}: measured / grid time
-        of steps timed while serving, e.g. an experiment's serving reference) in place of the
-        profile's own serving factors; replaces any `use_mode` or `scale` before it. `label` goes
-        into the model's name."""
+        """Price serving steps with `factors` ({"all", "decode", "prefill"} and optionally decode
+        row bands `BAND_KEYS`: measured / grid time of steps timed while serving, e.g. an
+        experiment's serving reference) in place of the profile's own serving factors; replaces any
+        `use_mode` or `scale` before it. `label` goes into the model's name."""
         _check_kind_factors(factors, "serving factors")
         self.serving_factor = float(factors["all"])
-        self.serving_factors = {kind: float(factors[kind]) for kind in SERVING_KINDS}
+        self.serving_factors = {key: float(f) for key, f in factors.items() if key != "all"}
         self.name = f"profiled({self.meta.get('id', model_key(self.shape))}, {label})"
 
     def use_link_serving_factor(self, name: str, factor: float) -> None:
@@ -290,7 +323,7 @@ class ProfiledCostModel:
         t = self.token_time(x[0])
         for w, v in zip(self._weights, x):
             t += w * v
-        return t * self.serving_factors[serving_kind(x[1], x[2])]
+        return t * serving_factor_of(self.serving_factors, x[1], x[2])
 
     def transfer_time(self, num_bytes: int, src_tier: str, dst_tier: str) -> float:
         if num_bytes <= 0:
@@ -357,16 +390,19 @@ class ProfiledCostModel:
                                                       [batches[i] for i in probe_idx], [seconds[i] for i in probe_idx])
             final.meta["in_situ_probe_speed"] = speed
             final.serving_factor = factors["all"]
-            final.serving_factors = {kind: factors[kind] for kind in SERVING_KINDS}
+            final.serving_factors = {key: f for key, f in factors.items() if key != "all"}
         return final, report
 
     def serving_factors_of(self, steps: list[BatchShape], step_seconds: list[float], probe: list[BatchShape],
                            probe_seconds: list[float]) -> tuple[dict[str, float], float]:
         """Serving factors from steps timed during live serving, relative to the speed probe timed
-        around them: ({"all": f, "decode": f, "prefill": f}, probe speed). A kind with fewer than
-        `MIN_KIND_STEPS` steps gets the factor of all steps. Each factor is measured / predicted
-        time summed over the steps (of that kind), divided by the same ratio for the probe (1 without
-        one), so that the machine's drift between the grid and the serving run does not enter it."""
+        around them: ({"all": f, "decode": f, "prefill": f, <decode row band>: f, ...}, probe
+        speed). A kind with fewer than `MIN_KIND_STEPS` steps gets the factor of all steps; a decode
+        row band (`BAND_KEYS`) has a factor only with at least `MIN_KIND_STEPS` steps in it (and
+        then decode steps of its rows are priced by it, others by the decode factor). Each factor
+        is measured / predicted time summed over the steps (of that kind or band), divided by the
+        same ratio for the probe (1 without one), so that the machine's drift between the grid and
+        the serving run does not enter it."""
         def ratio(batches: list[BatchShape], secs: list[float]) -> float:
             return sum(secs) / sum(self.predict(b) for b in batches)
 
@@ -374,10 +410,17 @@ class ProfiledCostModel:
             raise ValueError("serving factors need at least one in-situ step")
         speed = ratio(probe, probe_seconds) if probe else 1.0
         factors = {"all": ratio(steps, step_seconds) / speed}
-        for kind in SERVING_KINDS:
-            of_kind = [i for i, b in enumerate(steps) if serving_kind(b.num_seqs, b.num_decodes) == kind]
-            factors[kind] = (ratio([steps[i] for i in of_kind], [step_seconds[i] for i in of_kind]) / speed
-                             if len(of_kind) >= MIN_KIND_STEPS else factors["all"])
+        groups: dict[str, list[int]] = {}
+        for i, b in enumerate(steps):
+            groups.setdefault(serving_kind(b.num_seqs, b.num_decodes), []).append(i)
+            if b.num_seqs == b.num_decodes:
+                groups.setdefault(decode_band(b.num_seqs), []).append(i)
+        for key in (*SERVING_KINDS, *BAND_KEYS):
+            of_group = groups.get(key, [])
+            if len(of_group) >= MIN_KIND_STEPS:
+                factors[key] = ratio([steps[i] for i in of_group], [step_seconds[i] for i in of_group]) / speed
+            elif key in SERVING_KINDS:
+                factors[key] = factors["all"]
         return factors, speed
 
     # ---- files -----------------------------------------------------------------------------------
