@@ -71,7 +71,12 @@ class LiveConfig:
     with the references' steps pooled over the runs. With `serving_reference_after`, a reference
     is also served right after each run; it is also the next run's reference before it (one more
     reference per point than runs). A run is priced by the steps of its references before and after
-    it together, so a drift of the machine's speed that is steady over the run cancels."""
+    it together, so a drift of the machine's speed that is steady over the run cancels.
+
+    With `idle_speed_probe`, an `IdleSpeedProbe` runs beside the engine on idle CPU time only
+    (`SCHED_IDLE`) through every reference and run, and its timings are stored with each
+    (`idle_probe.parquet`): the machine's speed during the run, which a reference before or after
+    it does not see (see docs/experiments.md for how it prices the run)."""
 
     repeats: int = 3
     warmup_requests: int = 4
@@ -84,6 +89,7 @@ class LiveConfig:
     serving_reference_requests: int = 0
     reference_prediction: str = "paired"
     serving_reference_after: bool = False
+    idle_speed_probe: bool = False
 
     @property
     def serving_reference(self) -> bool:
@@ -99,6 +105,8 @@ class LiveConfig:
         if not isinstance(self.serving_reference_after, bool):
             raise ConfigError(f"live.serving_reference_after: must be true or false, "
                               f"got {self.serving_reference_after!r}")
+        if not isinstance(self.idle_speed_probe, bool):
+            raise ConfigError(f"live.idle_speed_probe: must be true or false, got {self.idle_speed_probe!r}")
         if self.serving_reference_after and not self.serving_reference:
             raise ConfigError("live.serving_reference_after: needs a reference (live.serving_reference_requests "
                               "or live.serving_reference_s)")

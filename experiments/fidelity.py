@@ -92,15 +92,21 @@ class StepCheck:
         return {**self.__dict__, "relative_error": self.relative_error}
 
 
-def check_steps(cost_model: Any, steps: Any) -> list[StepCheck]:
+def check_steps(cost_model: Any, steps: Any, speed: Any = None) -> list[StepCheck]:
     """`cost_model.batch_time` (a `ProfiledCostModel`, already scaled for the machine's speed) on
-    every step of `steps` (a frame of `BatchShape` fields and `seconds`, the live runs' steps)."""
+    every step of `steps` (a frame of `BatchShape` fields, `seconds` and `end_time`, the live runs'
+    steps), times `speed(start of the step)` when given (a `SpeedTrace` of the run)."""
     from experiments.results import step_batches
     from simulator.cost.profiled import BAND_KEYS, SERVING_KINDS, decode_band, serving_kind
 
     sums = {kind: [0, 0.0, 0.0] for kind in ("all", *SERVING_KINDS, *BAND_KEYS)}
-    for batch, measured in zip(*step_batches(steps)):
-        predicted = cost_model.batch_time(batch)
+    batches, seconds = step_batches(steps)
+    starts = [0.0] * len(batches)
+    if speed is not None:
+        nonempty = steps[steps["num_seqs"] > 0]
+        starts = (nonempty["end_time"] - nonempty["seconds"]).tolist()
+    for batch, measured, start in zip(batches, seconds, starts):
+        predicted = cost_model.batch_time(batch) * (speed(start) if speed is not None else 1.0)
         step_kind = serving_kind(batch.num_seqs, batch.num_decodes)
         for kind in ("all", step_kind, *([decode_band(batch.num_seqs)] if step_kind == "decode" else [])):
             acc = sums[kind]

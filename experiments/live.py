@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from array import array
 from dataclasses import dataclass, field, replace
@@ -16,14 +17,16 @@ from simulator.workloads import TraceRequest, prompt_token_ids
 @dataclass
 class LiveResult:
     """Per-request records (times from the run's start), all inter-token latencies, the summary,
-    and every step's batch shape, seconds and worker (`sagellm.engine.StepTiming` with `end_time`
-    from the run's start; a cluster's steps come from all its workers)."""
+    every step's batch shape, seconds and worker (`sagellm.engine.StepTiming` with `end_time`
+    from the run's start; a cluster's steps come from all its workers), and with an idle speed
+    probe its timings during the run (`ProbeSample`s, `end_time` from the run's start)."""
 
     records: list[RequestRecord]
     inter_token_latencies: Any
     summary: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
     steps: list[Any] = field(default_factory=list)
+    probe: list[Any] = field(default_factory=list)
 
 
 class LiveRunner:
@@ -34,16 +37,21 @@ class LiveRunner:
     (open loop: a slow engine does not slow the arrivals), greedy, with `ignore_eos` and
     `max_new_tokens` = the trace's output length, so the engine does exactly the simulator's work;
     prompts are the same synthetic token ids the simulator uses. It waits for every request and
-    returns their records. `close()` shuts the engine down. Side effects: runs the model.
+    returns their records. With `idle_probe`, an `IdleSpeedProbe` runs beside the engine for the
+    runner's life and each run keeps the probe's timings made during it. `close()` shuts the
+    engine (and the probe) down. Side effects: runs the model.
     """
 
-    def __init__(self, config: SageLLMConfig, num_replicas: int = 1, router: str = "least_outstanding") -> None:
+    def __init__(self, config: SageLLMConfig, num_replicas: int = 1, router: str = "least_outstanding",
+                 idle_probe: bool = False) -> None:
+        from sagellm.backends.idle_speed_probe import IdleSpeedProbe
         from sagellm.engine import create_engine
 
         self.config = config
         self.engine = create_engine(config, num_replicas, router).initialize()
         self.vocab_size = self.engine.vocab_size
         self.last_probe: list = []  # the samples of the latest `probe()`
+        self.idle_probe = IdleSpeedProbe().start() if idle_probe else None
 
     def warmup(self, num_requests: int) -> None:
         from sagellm.engine import GenerateRequest
@@ -78,10 +86,14 @@ class LiveRunner:
         busy_before = _busy(self.engine.get_stats())
         self.engine.start_step_log()
         cpu_before = CpuTimes.read()
+        if self.idle_probe is not None:
+            self.idle_probe.take()  # timings from before the run
         try:
             outputs, start = replay(self.engine, timed, timeout_s)
         finally:
             steps = self.engine.take_step_log()
+        probe = [] if self.idle_probe is None else [replace(p, end_time=p.end_time - start)
+                                                    for p in self.idle_probe.take() if p.end_time >= start]
         steal = steal_fraction(cpu_before, CpuTimes.read())
         bad = [o for o in outputs if o.finish_reason in ("error", "abort")]
         if bad:
@@ -103,9 +115,15 @@ class LiveRunner:
             info["handoffs"] = [[int(b), s] for b, s in zip(self.engine.handoff_bytes[handoffs_before:], handoffs)]
             summary["handoff_mean_s"] = info["handoff"]["mean_s"]
         steps = [replace(s, end_time=s.end_time - start) for s in steps]
-        return LiveResult(records, itls, summary, info, steps)
+        if self.idle_probe is not None:
+            info["idle_probe"] = {"samples": len(probe),
+                                  "median_s": statistics.median(p.seconds for p in probe) if probe else None}
+        return LiveResult(records, itls, summary, info, steps, probe)
 
     def close(self) -> None:
+        if self.idle_probe is not None:
+            self.idle_probe.stop()
+            self.idle_probe = None
         self.engine.shutdown()
 
 

@@ -6,8 +6,9 @@ results/<name>/<UTC time>/
   summary.csv             one row per point and side (live: one row per repeat) with every metric
   fidelity.csv            one row per point and metric: predicted, measured (median), spread, error
   points/<point>/simulate/{requests.parquet, summary.json, kv_usage.csv}
-  points/<point>/live-<r>/{requests.parquet, summary.json, steps.parquet}
+  points/<point>/live-<r>/{requests.parquet, summary.json, steps.parquet[, idle_probe.parquet]}
                              steps: every engine step's batch shape, seconds, end time and worker
+                             idle_probe: the idle speed probe's timings during the run
   points/<point>/done.json   written last: the point is complete (a resumed run skips it)
   plots/*.png
 ```
@@ -26,9 +27,12 @@ import pandas as pd
 from sagellm.metrics.io import write_kv_usage, write_summary
 from sagellm.metrics.records import RECORD_COLUMNS, RequestRecord
 
+IDLE_PROBE_FILE = "idle_probe.parquet"
+
 
 def write_side(directory: Path, records: list[RequestRecord], summary: dict[str, Any],
-               info: dict[str, Any] | None = None, kv_usage: list | None = None, steps: list | None = None) -> None:
+               info: dict[str, Any] | None = None, kv_usage: list | None = None, steps: list | None = None,
+               probe: list | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([r.to_dict() for r in records], columns=list(RECORD_COLUMNS))
     frame.to_parquet(directory / "requests.parquet", index=False)
@@ -36,6 +40,9 @@ def write_side(directory: Path, records: list[RequestRecord], summary: dict[str,
         pd.DataFrame([{**asdict(s.batch), "seconds": s.seconds, "end_time": s.end_time,
                        "worker": s.worker} for s in steps]
                      ).to_parquet(directory / "steps.parquet", index=False)
+    if probe:
+        pd.DataFrame([{"end_time": p.end_time, "seconds": p.seconds} for p in probe]
+                     ).to_parquet(directory / IDLE_PROBE_FILE, index=False)
     write_summary(directory, summary, info)
     if kv_usage is not None:
         write_kv_usage(directory, kv_usage)
@@ -104,3 +111,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if not path.exists() or not path.read_text().strip():
         return pd.DataFrame()
     return pd.read_csv(path)
+
+
+def read_idle_probe(side_dir: Path) -> pd.DataFrame:
+    """`idle_probe.parquet` of a live side's folder (end_time, seconds), or an empty table."""
+    path = Path(side_dir) / IDLE_PROBE_FILE
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["end_time", "seconds"])

@@ -132,11 +132,12 @@ def _run_point(cfg: ExperimentConfig, point: SweepPoint, pdir: Path, live: _Live
             if ref is not None:
                 for sub, served in ((REFERENCE_DIR, ref), (REFERENCE_AFTER_DIR, after_ref)):
                     if served is not None:
-                        write_side(pdir / name / sub, served.records, served.summary, served.info, steps=served.steps)
+                        write_side(pdir / name / sub, served.records, served.summary, served.info, steps=served.steps,
+                                   probe=served.probe)
                 res.info["serving_reference"] = _reference_factors(
                     _reference_frames(pdir / name), cost_model,
                     _handoff_link(sim_cfg.sagellm, cost_model, _reference_handoffs(pdir / name)))
-            write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps)
+            write_side(pdir / name, res.records, res.summary, res.info, steps=res.steps, probe=res.probe)
             attempt += 1
             echo(f"{title} live run {attempt}: TTFT mean {res.summary['ttft_mean'] * 1e3:.0f} ms, "
                  f"TPOT mean {res.summary['tpot_mean'] * 1e3:.1f} ms, {res.summary['request_throughput']:.3f} req/s"
@@ -169,6 +170,47 @@ def _reference_frames(run_dir: Path) -> list[pd.DataFrame]:
     it when there is one (`live.serving_reference_after`); empty frames are left out."""
     frames = [read_steps(run_dir / sub) for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR) if (run_dir / sub).is_dir()]
     return [frame for frame in frames if not frame.empty]
+
+
+def _idle_probe_pricing(run_dir: Path) -> tuple[list[pd.DataFrame], dict[str, Any]] | None:
+    """With the idle speed probe's timings stored for a live run and each of its references
+    (`live.idle_speed_probe`): the references' steps with each step's seconds divided by the
+    machine's speed multiplier when it started (the reference's `SpeedTrace` against the nominal
+    probe time, the median of all the references' timings), and the run's own speed trace against
+    that nominal, as {"nominal_s", "window_s", "starts", "multipliers"}. The step time a reference
+    measured at nominal speed then prices the run's steps at the speed the probe saw at each moment
+    of it. None when the run or a reference has too few timings."""
+    from experiments.results import read_idle_probe
+    from simulator.speed_trace import WINDOW_S, SpeedTrace
+
+    subs = [sub for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR) if not read_steps(run_dir / sub).empty]
+    probes = [read_idle_probe(run_dir / sub) for sub in subs]
+    run_probe = read_idle_probe(run_dir)
+    if not subs or run_probe.empty or any(p.empty for p in probes):
+        return None
+    nominal = float(pd.concat(probes)["seconds"].median())
+    frames = []
+    for sub, probe in zip(subs, probes):
+        trace = SpeedTrace.from_probe(probe["end_time"].tolist(), probe["seconds"].tolist(), nominal)
+        if trace is None:
+            return None
+        steps = read_steps(run_dir / sub).copy()
+        starts = (steps["end_time"] - steps["seconds"]).tolist()
+        steps["seconds"] = [s / trace.at(t) for s, t in zip(steps["seconds"], starts)]
+        frames.append(steps)
+    run_trace = SpeedTrace.from_probe(run_probe["end_time"].tolist(), run_probe["seconds"].tolist(), nominal)
+    if run_trace is None:
+        return None
+    return frames, {"nominal_s": nominal, "window_s": WINDOW_S, "starts": list(run_trace.starts),
+                    "multipliers": list(run_trace.multipliers)}
+
+
+def _speed_of(reference: dict[str, Any]):
+    """The `SpeedTrace` a paired reference prices its run with (`_idle_probe_pricing`), or None."""
+    from simulator.speed_trace import SpeedTrace
+
+    trace = reference.get("speed_trace")
+    return SpeedTrace(trace["starts"], trace["multipliers"]) if trace else None
 
 
 def _reference_handoffs(run_dir: Path) -> list:
@@ -243,6 +285,10 @@ def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, A
 
 def _describe_reference(ref: dict[str, Any]) -> str:
     text = f"{ref['decode']:.2f}x decode, {ref['prefill']:.2f}x prefill steps ({ref['steps']} steps)"
+    trace = ref.get("speed_trace")
+    if trace:
+        text += (f" at the idle probe's nominal speed; the run's speed "
+                 f"{min(trace['multipliers']):.2f}-{max(trace['multipliers']):.2f}x of it")
     bands = [key.removeprefix("decode_rows_") for key in BAND_KEYS if key in ref]
     if bands:
         text += f", decode rows {'/'.join(bands)} {'/'.join(f'{ref[k]:.2f}' for k in BAND_KEYS if k in ref)}x"
@@ -281,12 +327,21 @@ def _point_reference(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg) -
 def _paired_references(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg
                        ) -> list[tuple[int, dict[str, Any]]] | None:
     """(repeat, serving factors of that run's own references) for each counted live run, read
-    from the stored reference steps against `cost_model`'s profile; None when a run has none."""
+    from the stored reference steps against `cost_model`'s profile; None when a run has none.
+    With idle-probe timings stored (`_idle_probe_pricing`), the factors are at the nominal probe
+    speed and the entry has the run's `speed_trace`."""
     stored = _stored_references(pdir, doc)
     if stored is None:
         return None
-    return [(repeat, _reference_factors(frames, cost_model, _handoff_link(sagellm_cfg, cost_model, handoffs)))
-            for repeat, frames, handoffs in stored]
+    out = []
+    for repeat, frames, handoffs in stored:
+        link = _handoff_link(sagellm_cfg, cost_model, handoffs)
+        probed = _idle_probe_pricing(pdir / f"live-{repeat}")
+        if probed is None:
+            out.append((repeat, _reference_factors(frames, cost_model, link)))
+        else:
+            out.append((repeat, {**_reference_factors(probed[0], cost_model, link), "speed_trace": probed[1]}))
+    return out
 
 
 def _use_reference(cost_model, reference: dict[str, Any]) -> None:
@@ -386,7 +441,7 @@ def _simulate_point(point: SweepPoint, pdir: Path, doc: dict[str, Any], cost_mod
     if live:
         table = compare(result.summary, [side["summary"] for side in live])
         _write_fidelity(pdir, doc, table, echo, f"{title} predicted vs measured (median of {len(live)} live runs)")
-        _check_steps(pdir, doc, [(side["repeat"], cost_model) for side in live], title, echo)
+        _check_steps(pdir, doc, [(side["repeat"], cost_model, None) for side in live], title, echo)
 
 
 def _simulate_paired(point: SweepPoint, pdir: Path, doc: dict[str, Any], paired: list[tuple[int, dict[str, Any]]],
@@ -399,11 +454,12 @@ def _simulate_paired(point: SweepPoint, pdir: Path, doc: dict[str, Any], paired:
     for repeat, reference in paired:
         model = _profiled_cost_model(point)  # a fresh model per run: nothing of another run's reference stays
         _use_reference(model, reference)
-        result = Simulation(point.simulation, cost_model=model).run(progress=False)
+        speed = _speed_of(reference)
+        result = Simulation(point.simulation, cost_model=model, speed=speed).run(progress=False)
         result.info["serving_reference"] = reference
         write_side(pdir / f"simulate-{repeat}", result.records, result.summary, result.info, result.kv_usage)
         sims.append({"side": "simulate", "repeat": repeat, "summary": _clean(result.summary)})
-        models.append((repeat, model))
+        models.append((repeat, model, speed))
         summary = result.summary
         echo(f"{title} {verb} for live run {repeat} with its reference ({_describe_reference(reference)}): "
              f"TTFT mean {summary['ttft_mean'] * 1e3:.0f} ms, TPOT mean {summary['tpot_mean'] * 1e3:.1f} ms, "
@@ -422,22 +478,22 @@ def _write_fidelity(pdir: Path, doc: dict[str, Any], table: list, echo: Callable
     echo(format_table(table, title))
 
 
-def _check_steps(pdir: Path, doc: dict[str, Any], models: list[tuple[int, Any]], title: str,
+def _check_steps(pdir: Path, doc: dict[str, Any], models: list[tuple[int, Any, Any]], title: str,
                  echo: Callable[[str], None]) -> None:
     """Price each counted live run's own steps with the cost model that predicted it ((repeat,
-    model) pairs: the point's model, or each run's own with paired references), summed over the
-    runs: `doc["step_check"]`."""
+    model, speed trace or None): the point's model, or each run's own with paired references),
+    summed over the runs: `doc["step_check"]`."""
     from experiments.fidelity import StepCheck, check_steps, format_step_check
     from experiments.results import read_steps
 
     sums: dict[str, list] = {}
     runs = 0
-    for repeat, model in models:
+    for repeat, model, speed in models:
         frame = read_steps(pdir / f"live-{repeat}")
         if model is None or frame.empty:
             continue
         runs += 1
-        for c in check_steps(model, frame):
+        for c in check_steps(model, frame, speed):
             acc = sums.setdefault(c.kind, [0, 0.0, 0.0])
             acc[0] += c.num_steps
             acc[1] += c.measured_s
@@ -507,7 +563,8 @@ class _LivePool:
         key = json.dumps([engine_cfg.to_dict(), cluster.num_replicas, cluster.router], sort_keys=True)
         if key != self.key:
             self.close()
-            self.runner = LiveRunner(engine_cfg, cluster.num_replicas, cluster.router)
+            self.runner = LiveRunner(engine_cfg, cluster.num_replicas, cluster.router,
+                                     idle_probe=self.cfg.live.idle_speed_probe)
             self.runner.warmup(self.cfg.live.warmup_requests)
             self.key = key
         return self.runner

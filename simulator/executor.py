@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import compress
 
 from sagellm.core.kv.tiers import op_groups
@@ -22,22 +23,27 @@ class PredictedExecutor:
     copies between device and host overlap the forward pass layer by layer, as the engine runs
     them: the step takes file copies + max(compute, other copies) + other copies / L (the first
     layer's copies overlap nothing; the engine reads and writes the NVMe file before and after).
-    No other side effects.
+    With `speed` (seconds of simulated time -> step-time multiplier, e.g. a
+    `simulator.speed_trace.SpeedTrace` of the machine during a live run), the step's compute time
+    is multiplied by `speed(now)`, `now` being when the step starts. No other side effects.
     """
 
     def __init__(self, cost_model: CostModel, token_id: int = 0, block_bytes: int = 0,
-                 layerwise_layers: int = 0) -> None:
+                 layerwise_layers: int = 0, speed: Callable[[float], float] | None = None) -> None:
         self.cost_model = cost_model
         self.token_id = token_id
         self.block_bytes = block_bytes
         self.layerwise_layers = layerwise_layers
+        self.speed = speed
         self.transfer_seconds = 0.0
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, now: float = 0.0) -> StepResult:
         ids, batch = out.request_ids, out.batch
         every_row_samples = batch[3] == len(ids) if batch is not None else False not in out.samples
         sampled = dict.fromkeys(ids if every_row_samples else compress(ids, out.samples), self.token_id)
         duration = self.cost_model.step_time(out)
+        if self.speed is not None:
+            duration *= self.speed(now)
         if out.kv_ops:
             file_copies, other = self.kv_ops_time(out)
             layers = self.layerwise_layers

@@ -71,7 +71,7 @@ class Replica:
                     break
                 if self.on_step is not None:
                     self.on_step(out)
-                result = executor.execute(out)
+                result = executor.execute(out, now)
                 end = now + result.duration
                 if end >= horizon:
                     yield env.timeout(end - env.now)

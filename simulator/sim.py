@@ -55,12 +55,14 @@ class Simulation:
     overrides the one the config names (tests use a constant one); `on_step(replica, output)`
     sees every scheduler output. `deferred_decodes` (default on) lets the schedulers keep steady
     decodes in bulk (`sagellm.core.steady`): the same decisions and results, faster; off, they run
-    the plain per-request loop (benchmarks compare the two).
+    the plain per-request loop (benchmarks compare the two). `speed` (simulated seconds -> step-time
+    multiplier, e.g. the machine's `SpeedTrace` during a live run) scales every step's compute time
+    by the machine's speed when it starts.
     """
 
     def __init__(self, config: SimulationConfig, cost_model: CostModel | None = None,
                  on_step: Callable[[int, SchedulerOutput], None] | None = None,
-                 deferred_decodes: bool = True) -> None:
+                 deferred_decodes: bool = True, speed: Callable[[float], float] | None = None) -> None:
         self.config = config
         cfg = config.sagellm
         self.shape = resolve_shape(config.model, cfg, config.base_dir)
@@ -78,7 +80,8 @@ class Simulation:
         def replica(i: int, role: InferenceMode | None = None) -> Replica:
             return Replica(self.env, i, build_scheduler(self.shape, cfg, self.num_blocks, role, deferred_decodes),
                            PredictedExecutor(cost_model, block_bytes=block_bytes,
-                                             layerwise_layers=self.shape.num_layers if layerwise else 0),
+                                             layerwise_layers=self.shape.num_layers if layerwise else 0,
+                                             speed=speed),
                            self.collector, None if on_step is None else (lambda out, i=i: on_step(i, out)))
 
         self.strict: StrictCluster | None = None

@@ -49,6 +49,7 @@ def _sim_only(**extra) -> dict:
         ({"live": {"reference_prediction": "mean"}}, "live.reference_prediction"),
         ({"live": {"serving_reference_after": True}}, "live.serving_reference_after"),  # no reference to repeat
         ({"live": {"serving_reference_requests": 5, "serving_reference_after": "yes"}}, "live.serving_reference_after"),
+        ({"live": {"idle_speed_probe": "yes"}}, "live.idle_speed_probe"),
     ],
 )
 def test_bad_experiment_files_name_the_field(change, field):
@@ -201,7 +202,7 @@ def test_a_reference_after_each_run_is_the_next_runs_reference_before_it(tmp_pat
         "sagellm": {"scheduler": {"max_num_seqs": 8}},
         "workload": {**WORKLOAD, "num_requests": 4, "arrival": {"kind": "poisson", "rate": 8.0}},
         "live": {"repeats": 2, "warmup_requests": 1, "speed_probe": False, "serving_reference_requests": 2,
-                 "serving_reference_after": True},
+                 "serving_reference_after": True, "idle_speed_probe": True},
     })
     run_dir = run_experiment(cfg, tmp_path, echo=lambda s: None, progress=False)
     pdir = run_dir / "points" / "000"
@@ -216,6 +217,11 @@ def test_a_reference_after_each_run_is_the_next_runs_reference_before_it(tmp_pat
              for r in (0, 1) for sub in ("reference", "reference-after")]
     assert [p["steps"] for p in done["paired_references"]] == [steps[0] + steps[1], steps[2] + steps[3]]
     assert done["serving_reference"]["steps"] == sum(steps)
+    # The idle speed probe ran beside every reference and run (how many timings it got depends on idle cores).
+    for r in (0, 1):
+        for sub in ("", "reference", "reference-after"):
+            info = json.loads((pdir / f"live-{r}" / sub / "summary.json").read_text())["info"]
+            assert info["idle_probe"]["samples"] >= 0
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -439,3 +445,57 @@ def test_paired_predictions_are_compared_median_to_median_and_keep_their_spread(
     assert "sim spread" in format_table(list(rows.values())) and "110.0..300.0 ms" in format_table([tpot])
     single = compare({"tpot_mean": 0.125}, measured)[0]  # one simulation: no spread
     assert single.predicted_min is None and "sim spread" not in format_table([single])
+
+
+def test_the_idle_probe_prices_a_run_at_the_speed_the_machine_had_during_it(tmp_path):
+    """References timed while the machine ran 1.25x slow in their second half (the idle probe saw
+    it) give the serving factor the machine has at its nominal speed; the run is priced with its
+    own speed trace, so its steps in a slow window cost that window's multiplier."""
+    from experiments.fidelity import check_steps
+    from experiments.results import IDLE_PROBE_FILE
+    from experiments.runner import REFERENCE_AFTER_DIR, REFERENCE_DIR, _paired_references, _speed_of
+    from sagellm.config import SageLLMConfig
+    from sagellm.graph import BatchShape
+    from sagellm.models.presets import model_shape
+    from simulator.cost.profiled import KNOTS, ProfiledCostModel
+
+    model = ProfiledCostModel(model_shape("smollm2-135m"), "float32",
+                              [0.02 + 0.001 * k for k in KNOTS] + [2e-11, 3e-12, 4e-10, 3e-3, 2e-4])
+    decode = BatchShape.from_chunks([(100, 1)] * 2)
+    nominal = 0.008
+
+    def slow(t):  # the machine's multiplier: 1.25x slow from 20 s on
+        return 1.25 if t >= 20.0 else 1.0
+
+    def write(where, seconds_per_step):
+        where.mkdir(parents=True, exist_ok=True)
+        t, rows = 0.0, []
+        for _ in range(40):
+            start = t + 0.9
+            s = seconds_per_step * slow(start)
+            t = start + s
+            rows.append({**asdict(decode), "seconds": s, "end_time": t, "worker": 0})
+        pd.DataFrame(rows).to_parquet(where / "steps.parquet")
+        ends = [0.04 * i for i in range(1, 500)] + [20.0 + 0.07 * i for i in range(1, 280)]  # fewer when slow
+        pd.DataFrame({"end_time": ends, "seconds": [nominal * slow(e) for e in ends]}).to_parquet(where / IDLE_PROBE_FILE)
+
+    grid = model.predict(decode)
+    for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR):
+        write(tmp_path / "live-0" / sub, 1.1 * grid)
+    write(tmp_path / "live-0", 1.1 * grid)
+    doc = {"sides": [{"side": "live", "repeat": 0}]}
+    ((repeat, ref),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
+    assert ref["decode"] == pytest.approx(1.1)  # at nominal speed, the slow half taken out
+    trace = ref["speed_trace"]
+    assert trace["nominal_s"] == pytest.approx(nominal) and trace["multipliers"][0] == pytest.approx(1.0)
+    assert trace["multipliers"][-1] == pytest.approx(1.25)
+    speed = _speed_of(ref)
+    assert speed(5.0) == pytest.approx(1.0) and speed(25.0) == pytest.approx(1.25)
+    model.use_serving_factors({k: v for k, v in ref.items() if k in ("all", "decode", "prefill")})
+    (overall,) = [c for c in check_steps(model, pd.read_parquet(tmp_path / "live-0" / "steps.parquet"), speed)
+                  if c.kind == "all"]
+    assert overall.relative_error == pytest.approx(0.0, abs=1e-9)
+    # Without the probe's timings of the run, the run is priced as before (no trace).
+    (tmp_path / "live-0" / IDLE_PROBE_FILE).unlink()
+    ((_, plain),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
+    assert "speed_trace" not in plain and plain["decode"] > 1.1

@@ -74,6 +74,11 @@ def test_greedy_outputs_equal_hybrid(reference, scheduler: dict, kv_cache: dict)
         for o in outputs:  # the record spans both workers: first token on the prefill worker
             assert o.metrics.ttft > 0 and len(o.metrics.inter_token_latencies) == 9
             assert o.record.num_output_tokens == 10 and o.record.first_token_time < o.record.finish_time
+    # each record names the worker that finished the request (a decode worker in STRICT), as the simulator's do
+    finishers = {s.worker for s in steps if s.batch.num_decodes}
+    assert {o.record.replica for o in outputs} <= finishers
+    if cfg.scheduler.schedule_mode.value == "strict":
+        assert {o.record.replica for o in outputs} == {cfg.scheduler.prefill_workers}
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

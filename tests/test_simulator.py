@@ -312,3 +312,26 @@ def test_collector_bulk_records_equal_one_by_one_records(token_times, flush_ever
     assert collector.num_records == len(reqs)
     assert collector.records == [RequestRecord.from_request(r, i % 3) for i, r in enumerate(reqs)]
     assert list(collector.inter_token_latencies) == [g for r in reqs for g in inter_token_gaps(r.token_times)]
+
+
+def test_a_speed_trace_scales_each_step_by_the_machines_speed_when_it_starts():
+    from simulator.speed_trace import SpeedTrace
+
+    # windows of 10 s: the second has too few timings and keeps the first's multiplier
+    ends = [0.5 * i for i in range(20)] + [12.0] + [20.0 + 0.5 * i for i in range(20)]
+    secs = [0.010] * 20 + [0.050] + [0.015] * 20
+    trace = SpeedTrace.from_probe(ends, secs, nominal_s=0.010, window_s=10.0, min_samples=10)
+    assert trace.starts == (0.0, 10.0, 20.0) and trace.multipliers == pytest.approx((1.0, 1.0, 1.5))
+    assert trace(-1.0) == 1.0 and trace(25.0) == trace(1e6) == pytest.approx(1.5)
+    assert SpeedTrace.from_probe([1.0], [0.01], 0.01) is None  # no window has enough timings
+    with pytest.raises(ValueError, match="increase"):
+        SpeedTrace([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        SpeedTrace([0.0], [0.0])
+
+    config = _config()
+    plain = Simulation(config, cost_model=ConstantCostModel(0.004)).run()
+    doubled = Simulation(config, cost_model=ConstantCostModel(0.004), speed=lambda t: 2.0).run()
+    halfway = Simulation(config, cost_model=ConstantCostModel(0.004), speed=SpeedTrace([0.0, 1e9], [1.0, 2.0])).run()
+    assert doubled.summary == Simulation(config, cost_model=ConstantCostModel(0.008)).run().summary
+    assert halfway.summary == plain.summary  # the slow window starts after the run

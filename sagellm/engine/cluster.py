@@ -9,6 +9,7 @@ goes from one to the other over shared memory (`sagellm.engine.pd_transport`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -303,6 +304,8 @@ class ClusterEngine:
                 del self._tracked[out.request_id]
                 if self.coordinator is not None:
                     self.coordinator.complete(out.request_id)
+            if out.record is not None:  # the worker that finished it, as the simulator's records name it
+                out = dataclasses.replace(out, record=dataclasses.replace(out.record, replica=index))
             _deliver(t.on_done, out)
         elif kind == "handoff":
             self.handoff_seconds.append(event[3])
