@@ -92,8 +92,9 @@ class LiveRunner:
             outputs, start = replay(self.engine, timed, timeout_s)
         finally:
             steps = self.engine.take_step_log()
+        end = time.monotonic()
         probe = [] if self.idle_probe is None else [replace(p, end_time=p.end_time - start)
-                                                    for p in self.idle_probe.take() if p.end_time >= start]
+                                                    for p in self.idle_probe.take() if start <= p.end_time <= end]
         steal = steal_fraction(cpu_before, CpuTimes.read())
         bad = [o for o in outputs if o.finish_reason in ("error", "abort")]
         if bad:
@@ -121,10 +122,12 @@ class LiveRunner:
         return LiveResult(records, itls, summary, info, steps, probe)
 
     def close(self) -> None:
-        if self.idle_probe is not None:
-            self.idle_probe.stop()
-            self.idle_probe = None
-        self.engine.shutdown()
+        try:
+            if self.idle_probe is not None:
+                self.idle_probe.stop()
+                self.idle_probe = None
+        finally:
+            self.engine.shutdown()
 
 
 

@@ -9,6 +9,7 @@ results/<name>/<UTC time>/
   points/<point>/live-<r>/{requests.parquet, summary.json, steps.parquet[, idle_probe.parquet]}
                              steps: every engine step's batch shape, seconds, end time and worker
                              idle_probe: the idle speed probe's timings during the run
+  points/<point>/live-<r>/reference[-after]/   the serving references around the run, same files
   points/<point>/done.json   written last: the point is complete (a resumed run skips it)
   plots/*.png
 ```

@@ -20,7 +20,7 @@ import pandas as pd
 
 from experiments.config import ExperimentConfig, SweepPoint
 from experiments.fidelity import compare, format_table
-from experiments.results import read_steps, step_batches, write_side
+from experiments.results import IDLE_PROBE_FILE, read_steps, step_batches, write_side
 from sagellm.config import ConfigError
 from sagellm.metrics.io import format_summary, jsonable
 from simulator.cost.profiled import BAND_KEYS, SERVING_KINDS
@@ -285,10 +285,12 @@ def _reference_factors(frames: list[pd.DataFrame], cost_model, link: dict[str, A
 
 def _describe_reference(ref: dict[str, Any]) -> str:
     text = f"{ref['decode']:.2f}x decode, {ref['prefill']:.2f}x prefill steps ({ref['steps']} steps)"
-    trace = ref.get("speed_trace")
+    trace = ref.get("speed_trace", False)
     if trace:
         text += (f" at the idle probe's nominal speed; the run's speed "
                  f"{min(trace['multipliers']):.2f}-{max(trace['multipliers']):.2f}x of it")
+    elif trace is None:
+        text += "; the idle probe had too few timings, so without it"
     bands = [key.removeprefix("decode_rows_") for key in BAND_KEYS if key in ref]
     if bands:
         text += f", decode rows {'/'.join(bands)} {'/'.join(f'{ref[k]:.2f}' for k in BAND_KEYS if k in ref)}x"
@@ -338,7 +340,10 @@ def _paired_references(pdir: Path, doc: dict[str, Any], cost_model, sagellm_cfg
         link = _handoff_link(sagellm_cfg, cost_model, handoffs)
         probed = _idle_probe_pricing(pdir / f"live-{repeat}")
         if probed is None:
-            out.append((repeat, _reference_factors(frames, cost_model, link)))
+            factors = _reference_factors(frames, cost_model, link)
+            if (pdir / f"live-{repeat}" / IDLE_PROBE_FILE).exists():
+                factors["speed_trace"] = None  # the probe ran, but too few timings: priced without it
+            out.append((repeat, factors))
         else:
             out.append((repeat, {**_reference_factors(probed[0], cost_model, link), "speed_trace": probed[1]}))
     return out

@@ -13,7 +13,8 @@ from simulator.cost.base import CostModel
 class PredictedExecutor:
     """Stands in for the engine's executor in the simulator.
 
-    Contract: `execute(out)` returns a `StepResult` with `duration = cost_model.step_time(out)` and
+    Contract: `execute(out, now)` returns a `StepResult` with `duration = cost_model.step_time(out)`
+    (times `speed(now)`, below) and
     one sampled token for every scheduled request that samples. Token values are not modelled:
     every sampled token is `token_id`; the simulator builds requests with `ignore_eos` and
     `max_new_tokens` equal to the trace's output length, so each request ends exactly there.

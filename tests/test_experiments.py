@@ -221,7 +221,7 @@ def test_a_reference_after_each_run_is_the_next_runs_reference_before_it(tmp_pat
     for r in (0, 1):
         for sub in ("", "reference", "reference-after"):
             info = json.loads((pdir / f"live-{r}" / sub / "summary.json").read_text())["info"]
-            assert info["idle_probe"]["samples"] >= 0
+            assert "samples" in info["idle_probe"] and "median_s" in info["idle_probe"]
 
 
 def test_a_live_run_waits_for_a_quiet_machine_then_gives_up_waiting():
@@ -448,12 +448,12 @@ def test_paired_predictions_are_compared_median_to_median_and_keep_their_spread(
 
 
 def test_the_idle_probe_prices_a_run_at_the_speed_the_machine_had_during_it(tmp_path):
-    """References timed while the machine ran 1.25x slow in their second half (the idle probe saw
-    it) give the serving factor the machine has at its nominal speed; the run is priced with its
-    own speed trace, so its steps in a slow window cost that window's multiplier."""
+    """References timed while the machine ran 1.25x slow from 20 s on (the idle probe saw it) give
+    the serving factor the machine has at its nominal speed; the run, slow from 10 s on, is priced
+    with its own speed trace: each step at the multiplier of the window it starts in."""
     from experiments.fidelity import check_steps
     from experiments.results import IDLE_PROBE_FILE
-    from experiments.runner import REFERENCE_AFTER_DIR, REFERENCE_DIR, _paired_references, _speed_of
+    from experiments.runner import REFERENCE_AFTER_DIR, REFERENCE_DIR, _paired_references, _speed_of, _use_reference
     from sagellm.config import SageLLMConfig
     from sagellm.graph import BatchShape
     from sagellm.models.presets import model_shape
@@ -464,38 +464,46 @@ def test_the_idle_probe_prices_a_run_at_the_speed_the_machine_had_during_it(tmp_
     decode = BatchShape.from_chunks([(100, 1)] * 2)
     nominal = 0.008
 
-    def slow(t):  # the machine's multiplier: 1.25x slow from 20 s on
-        return 1.25 if t >= 20.0 else 1.0
+    def write(where, seconds_per_step, slow_from):
+        def slow(t):
+            return 1.25 if t >= slow_from else 1.0
 
-    def write(where, seconds_per_step):
         where.mkdir(parents=True, exist_ok=True)
         t, rows = 0.0, []
-        for _ in range(40):
+        for _ in range(40):  # steps of ~35 ms, 0.9 s apart: some start in one window and end in the next
             start = t + 0.9
             s = seconds_per_step * slow(start)
             t = start + s
             rows.append({**asdict(decode), "seconds": s, "end_time": t, "worker": 0})
         pd.DataFrame(rows).to_parquet(where / "steps.parquet")
-        ends = [0.04 * i for i in range(1, 500)] + [20.0 + 0.07 * i for i in range(1, 280)]  # fewer when slow
-        pd.DataFrame({"end_time": ends, "seconds": [nominal * slow(e) for e in ends]}).to_parquet(where / IDLE_PROBE_FILE)
+        ends = ([0.04 * i for i in range(1, round(slow_from / 0.04))]
+                + [slow_from + 0.07 * i for i in range(1, 400)])  # fewer timings while slow
+        probe = pd.DataFrame({"end_time": ends, "seconds": [nominal * slow(e) for e in ends]})
+        probe.to_parquet(where / IDLE_PROBE_FILE)
 
     grid = model.predict(decode)
     for sub in (REFERENCE_DIR, REFERENCE_AFTER_DIR):
-        write(tmp_path / "live-0" / sub, 1.1 * grid)
-    write(tmp_path / "live-0", 1.1 * grid)
+        write(tmp_path / "live-0" / sub, 1.1 * grid, 20.0)
+    write(tmp_path / "live-0", 1.1 * grid, 10.0)
     doc = {"sides": [{"side": "live", "repeat": 0}]}
     ((repeat, ref),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
-    assert ref["decode"] == pytest.approx(1.1)  # at nominal speed, the slow half taken out
+    assert ref["decode"] == pytest.approx(1.1)  # at nominal speed, the slow part taken out
     trace = ref["speed_trace"]
-    assert trace["nominal_s"] == pytest.approx(nominal) and trace["multipliers"][0] == pytest.approx(1.0)
-    assert trace["multipliers"][-1] == pytest.approx(1.25)
+    assert trace["nominal_s"] == pytest.approx(nominal)
     speed = _speed_of(ref)
-    assert speed(5.0) == pytest.approx(1.0) and speed(25.0) == pytest.approx(1.25)
-    model.use_serving_factors({k: v for k, v in ref.items() if k in ("all", "decode", "prefill")})
-    (overall,) = [c for c in check_steps(model, pd.read_parquet(tmp_path / "live-0" / "steps.parquet"), speed)
-                  if c.kind == "all"]
+    assert speed(5.0) == pytest.approx(1.0) and speed(12.0) == pytest.approx(1.25)  # the run's trace
+    _use_reference(model, ref)
+    run_steps = pd.read_parquet(tmp_path / "live-0" / "steps.parquet")
+    (overall,) = [c for c in check_steps(model, run_steps, speed) if c.kind == "all"]
     assert overall.relative_error == pytest.approx(0.0, abs=1e-9)
+    (unpaced,) = [c for c in check_steps(model, run_steps) if c.kind == "all"]
+    assert unpaced.relative_error < -0.1  # without the trace the run's slow part is missed
     # Without the probe's timings of the run, the run is priced as before (no trace).
     (tmp_path / "live-0" / IDLE_PROBE_FILE).unlink()
     ((_, plain),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
     assert "speed_trace" not in plain and plain["decode"] > 1.1
+    # The run's timings were all in one busy stretch (too few per window): priced without the probe, and said so.
+    sparse_probe = pd.DataFrame({"end_time": [1.0, 2.0], "seconds": [nominal, nominal]})
+    sparse_probe.to_parquet(tmp_path / "live-0" / IDLE_PROBE_FILE)
+    ((_, sparse),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
+    assert sparse["speed_trace"] is None and _speed_of(sparse) is None and sparse["decode"] == plain["decode"]

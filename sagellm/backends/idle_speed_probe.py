@@ -22,6 +22,7 @@ from dataclasses import dataclass
 MATRIX_ROWS = 4096  # 4096 x 4096 float32: 64 MiB, past any cache here
 SEND_EVERY_S = 0.5
 PREEMPTION_MARGIN_S = 100e-6
+STOP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ProbeSample:
     seconds: float
 
 
-def _probe_loop(rows: int, samples: mp.Queue, stop: mp.Event) -> None:  # runs in the child
+def _probe_loop(rows: int, samples: mp.Queue, stop: mp.Event, parent_pid: int) -> None:  # runs in the child
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     import torch
 
@@ -43,7 +44,7 @@ def _probe_loop(rows: int, samples: mp.Queue, stop: mp.Event) -> None:  # runs i
     out = torch.empty(rows)
     batch: list[tuple[float, float]] = []
     last_send = time.monotonic()
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent_pid:  # also ends when the parent is gone
         c0, t0 = time.thread_time(), time.monotonic()
         torch.mv(matrix, vector, out=out)
         t1, c1 = time.monotonic(), time.thread_time()
@@ -57,10 +58,12 @@ def _probe_loop(rows: int, samples: mp.Queue, stop: mp.Event) -> None:  # runs i
 
 class IdleSpeedProbe:
     """Contract: `start()` spawns the probe process (a no-op where the OS has no `SCHED_IDLE`:
-    `available` is then False); `take()` returns the samples received since the last `take()`;
-    `stop()` ends the process (within seconds, also when it hangs) and returns the samples left.
-    Usable as a context manager. Side effects: one child process that keeps a core busy whenever
-    nothing else wants it, and 64 MiB of memory."""
+    `available` is then False); `take()` returns the samples received since the last `take()`
+    (the child sends them every `SEND_EVERY_S`, so the latest half second may not be there yet);
+    `stop()` ends the process and returns the samples left: within `STOP_WAIT_S` plus 5 s, when
+    it does not end by itself it is killed and its unsent samples are dropped. The child also
+    ends when its parent is gone. Usable as a context manager. Side effects: one child process
+    that keeps a core busy whenever nothing else wants it, and 64 MiB of memory."""
 
     def __init__(self, rows: int = MATRIX_ROWS) -> None:
         if rows < 1:
@@ -76,7 +79,7 @@ class IdleSpeedProbe:
         if not self.available or self._process is not None:
             return self
         self._samples, self._stop = self._ctx.Queue(), self._ctx.Event()
-        self._process = self._ctx.Process(target=_probe_loop, args=(self.rows, self._samples, self._stop),
+        self._process = self._ctx.Process(target=_probe_loop, args=(self.rows, self._samples, self._stop, os.getpid()),
                                           name="sagellm-idle-speed-probe", daemon=True)
         self._process.start()
         return self
@@ -97,14 +100,17 @@ class IdleSpeedProbe:
             return []
         self._stop.set()
         left: list[ProbeSample] = []
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + STOP_WAIT_S
         while self._process.is_alive() and time.monotonic() < deadline:
             left += self.take()
             self._process.join(timeout=0.1)
         if self._process.is_alive():
+            # Killed mid-write, the child may leave half a message in the pipe: read nothing more.
             self._process.kill()
             self._process.join(timeout=5.0)
-        left += self.take()
+            self._samples.cancel_join_thread()
+        else:
+            left += self.take()
         self._samples.close()
         self._process = self._samples = self._stop = None
         return left

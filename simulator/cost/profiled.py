@@ -200,7 +200,8 @@ class ProfiledCostModel:
     """Step time = coefficients . features (see the module docstring) x a serving factor.
 
     `predict(batch)` is a step as the grid measured it, alone; `step_time(out)` is a step inside the
-    serving loop: the grid time scaled by the serving factor of its kind, the ratio of total
+    serving loop: the grid time scaled by the serving factor of its kind (of a decode step, its row
+    band's when there is one, `DECODE_BANDS`), the ratio of total
     measured to total predicted time over the calibration's live serving steps of that kind
     (`SERVING_KINDS`: "decode" for steps of decodes only, "prefill" for steps with a prompt
     chunk). With the scheduler, the asyncio front end and other requests' memory around them, steps
@@ -271,7 +272,8 @@ class ProfiledCostModel:
         return _dot(self.coefficients, features(self.shape, self.dtype, batch, self.knots))
 
     def batch_time(self, batch: BatchShape) -> float:
-        """`step_time` of a step whose shape is `batch`: the grid time x its kind's serving factor."""
+        """`step_time` of a step whose shape is `batch`: the grid time x its kind's (or decode row
+        band's) serving factor."""
         if not batch.num_seqs:
             return 0.0
         return self.predict(batch) * serving_factor_of(self.serving_factors, batch.num_seqs, batch.num_decodes)
