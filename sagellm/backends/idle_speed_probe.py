@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,7 +64,8 @@ class IdleSpeedProbe:
     `stop()` ends the process and returns the samples left: within `STOP_WAIT_S` plus 5 s, when
     it does not end by itself it is killed and its unsent samples are dropped. The child also
     ends when its parent is gone. Usable as a context manager. Side effects: one child process
-    that keeps a core busy whenever nothing else wants it, and 64 MiB of memory."""
+    that keeps a core busy whenever nothing else wants it, and 64 MiB of memory; a thread here
+    that reads its timings as they come."""
 
     def __init__(self, rows: int = MATRIX_ROWS) -> None:
         if rows < 1:
@@ -74,6 +76,10 @@ class IdleSpeedProbe:
         self._process = None
         self._samples = None
         self._stop = None
+        self._reader: threading.Thread | None = None
+        self._received: list[ProbeSample] = []
+        self._lock = threading.Lock()
+        self._reading = threading.Event()
 
     def start(self) -> IdleSpeedProbe:
         if not self.available or self._process is not None:
@@ -82,37 +88,46 @@ class IdleSpeedProbe:
         self._process = self._ctx.Process(target=_probe_loop, args=(self.rows, self._samples, self._stop, os.getpid()),
                                           name="sagellm-idle-speed-probe", daemon=True)
         self._process.start()
+        # The pipe holds only ~64 KiB: read it all the time, or `take()` would get old timings.
+        self._reading.set()
+        self._reader = threading.Thread(target=self._read, name="idle-speed-probe-reader", daemon=True)
+        self._reader.start()
         return self
 
-    def take(self) -> list[ProbeSample]:
-        out: list[ProbeSample] = []
-        if self._samples is None:
-            return out
-        while True:
+    def _read(self) -> None:
+        while self._reading.is_set():
             try:
-                batch = self._samples.get_nowait()
+                batch = self._samples.get(timeout=0.2)
             except queue.Empty:
-                return out
-            out.extend(ProbeSample(t, s) for t, s in batch)
+                continue
+            except (EOFError, OSError):
+                return
+            with self._lock:
+                self._received.extend(ProbeSample(t, s) for t, s in batch)
+
+    def take(self) -> list[ProbeSample]:
+        with self._lock:
+            out, self._received = self._received, []
+        return out
 
     def stop(self) -> list[ProbeSample]:
         if self._process is None:
             return []
         self._stop.set()
-        left: list[ProbeSample] = []
-        deadline = time.monotonic() + STOP_WAIT_S
-        while self._process.is_alive() and time.monotonic() < deadline:
-            left += self.take()
-            self._process.join(timeout=0.1)
-        if self._process.is_alive():
-            # Killed mid-write, the child may leave half a message in the pipe: read nothing more.
+        self._process.join(timeout=STOP_WAIT_S)  # the child sends its last timings, then ends
+        killed = self._process.is_alive()
+        if killed:
             self._process.kill()
             self._process.join(timeout=5.0)
-            self._samples.cancel_join_thread()
         else:
-            left += self.take()
+            time.sleep(2 * 0.2)  # the reader's next reads get what the child sent last
+        self._reading.clear()
+        self._reader.join(timeout=5.0)
+        if killed:
+            self._samples.cancel_join_thread()
         self._samples.close()
-        self._process = self._samples = self._stop = None
+        left = self.take()
+        self._process = self._samples = self._stop = self._reader = None
         return left
 
     def __enter__(self) -> IdleSpeedProbe:
