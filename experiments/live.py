@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sagellm.backends.idle_speed_probe import median_seconds
 from sagellm.config import SageLLMConfig
 from sagellm.metrics import RequestRecord, handoff_summary, summarize
 from sagellm.metrics.summary import SLO
@@ -117,8 +117,7 @@ class LiveRunner:
             summary["handoff_mean_s"] = info["handoff"]["mean_s"]
         steps = [replace(s, end_time=s.end_time - start) for s in steps]
         if self.idle_probe is not None:
-            info["idle_probe"] = {"samples": len(probe),
-                                  "median_s": statistics.median(p.seconds for p in probe) if probe else None}
+            info["idle_probe"] = {"samples": len(probe), "median_s": median_seconds(probe)}
         return LiveResult(records, itls, summary, info, steps, probe)
 
     def close(self) -> None:
