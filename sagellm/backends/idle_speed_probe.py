@@ -102,8 +102,11 @@ class IdleSpeedProbe:
                 continue
             except (EOFError, OSError):
                 return
-            with self._lock:
-                self._received.extend(ProbeSample(t, s) for t, s in batch)
+            self._keep(batch)
+
+    def _keep(self, batch: list[tuple[float, float]]) -> None:
+        with self._lock:
+            self._received.extend(ProbeSample(t, s) for t, s in batch)
 
     def take(self) -> list[ProbeSample]:
         with self._lock:
@@ -119,12 +122,17 @@ class IdleSpeedProbe:
         if killed:
             self._process.kill()
             self._process.join(timeout=5.0)
-        else:
-            time.sleep(2 * 0.2)  # the reader's next reads get what the child sent last
         self._reading.clear()
         self._reader.join(timeout=5.0)
         if killed:
+            # Killed mid-write, the child may leave half a message in the pipe: read nothing more.
             self._samples.cancel_join_thread()
+        else:
+            while True:  # the child has ended, so whatever it sent last is in the pipe
+                try:
+                    self._keep(self._samples.get_nowait())
+                except queue.Empty:
+                    break
         self._samples.close()
         left = self.take()
         self._process = self._samples = self._stop = self._reader = None
