@@ -1,1 +1,1 @@
-"""Experiment configs and the runner that compares simulated and live runs (issue 4)."""
+"""Experiment configs and the runner that compares simulated and live runs."""

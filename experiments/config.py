@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagellm.config import ConfigError, build_section, load_yaml_mapping
+from sagellm.config import ConfigError, build_section, load_yaml_mapping, unknown_key_message
+from sagellm.errors import show
 from simulator.config import SimulationConfig
 
 SIDES = ("simulate", "live")
@@ -98,15 +99,15 @@ class LiveConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.serving_reference_requests, int) and self.serving_reference_requests >= 0):
             raise ConfigError(f"live.serving_reference_requests: must be an integer >= 0 (0: size the reference "
-                              f"by live.serving_reference_s), got {self.serving_reference_requests!r}")
+                              f"by live.serving_reference_s), got {show(self.serving_reference_requests)}")
         if self.reference_prediction not in ("paired", "pooled"):
             raise ConfigError(f"live.reference_prediction: must be 'paired' (one simulation per live run, with "
-                              f"its own reference) or 'pooled', got {self.reference_prediction!r}")
+                              f"its own reference) or 'pooled', got {show(self.reference_prediction)}")
         if not isinstance(self.serving_reference_after, bool):
             raise ConfigError(f"live.serving_reference_after: must be true or false, "
-                              f"got {self.serving_reference_after!r}")
+                              f"got {show(self.serving_reference_after)}")
         if not isinstance(self.idle_speed_probe, bool):
-            raise ConfigError(f"live.idle_speed_probe: must be true or false, got {self.idle_speed_probe!r}")
+            raise ConfigError(f"live.idle_speed_probe: must be true or false, got {show(self.idle_speed_probe)}")
         if self.serving_reference_after and not self.serving_reference:
             raise ConfigError("live.serving_reference_after: needs a reference (live.serving_reference_requests "
                               "or live.serving_reference_s)")
@@ -172,39 +173,41 @@ class ExperimentConfig:
     def from_dict(cls, data: Any, base_dir: str | Path = ".") -> ExperimentConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"experiment: expected a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_KEYS))
+        unknown = [key for key in data if key not in _KEYS]
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown key; allowed top-level keys: {sorted(_KEYS)}")
+            raise ConfigError(unknown_key_message(unknown[0], "", sorted(_KEYS)))
         name = data.get("name")
         if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"name: a non-empty name without '/' is required, got {name!r}")
+            raise ConfigError(f"name: a non-empty name without '/' is required, got {show(name)}")
         sides = data.get("sides", list(SIDES))
-        if not isinstance(sides, list) or not sides or len(set(sides)) != len(sides):
-            raise ConfigError(f"sides: a non-empty list of distinct sides from {SIDES}, got {sides!r}")
+        if not isinstance(sides, list) or not sides:
+            raise ConfigError(f"sides: a non-empty list of distinct sides from {SIDES}, got {show(sides)}")
         for s in sides:
-            if s not in SIDES:
-                raise ConfigError(f"sides: unknown side {s!r}; allowed: {list(SIDES)}")
+            if not isinstance(s, str) or s not in SIDES:
+                raise ConfigError(f"sides: unknown side {show(s)}; allowed: {list(SIDES)}")
+        if len(set(sides)) != len(sides):
+            raise ConfigError(f"sides: a non-empty list of distinct sides from {SIDES}, got {show(sides)}")
         live = build_section(LiveConfig, data.get("live") or {}, "live.")
         calibrate = data.get("calibrate", True)
         if not isinstance(calibrate, bool):
-            raise ConfigError(f"calibrate: expected true or false, got {calibrate!r}")
+            raise ConfigError(f"calibrate: expected true or false, got {show(calibrate)}")
         sweep = data.get("sweep") or {}
         if not isinstance(sweep, dict):
             raise ConfigError("sweep: expected a mapping of dotted field paths to lists of values")
         allowed = sorted(set(_SIM_KEYS) - {"name"})
         for key, values in sweep.items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
+                raise ConfigError(f"sweep.{key}: expected a non-empty list of values, got {show(values)}")
             paths = [key]
             if key == VARIANTS:
                 for v in values:
                     if not isinstance(v, dict) or not set(v) - {"label"}:
                         raise ConfigError(f"sweep.{VARIANTS}: each value is a mapping of dotted field paths to "
-                                          f"values (and a label), got {v!r}")
+                                          f"values (and a label), got {show(v)}")
                 paths = [p for v in values for p in v if p != "label"]
             for path in paths:
                 if path.split(".", 1)[0] not in _SIM_KEYS or path.split(".", 1)[0] == "name":
-                    raise ConfigError(f"sweep.{key}: can only vary fields under {allowed}, not {path!r}")
+                    raise ConfigError(f"sweep.{key}: can only vary fields under {allowed}, not {show(path)}")
         base = {k: v for k, v in data.items() if k in _SIM_KEYS}
         points = []
         keys = list(sweep)
@@ -243,7 +246,7 @@ class ExperimentConfig:
             hw = sim.hardware
             if hw != "local" and not hw.endswith(".json"):
                 raise ConfigError(
-                    f"hardware: {hw!r} is a roofline device this machine cannot run, so the live side is "
+                    f"hardware: {show(hw)} is a roofline device this machine cannot run, so the live side is "
                     "impossible; use hardware: local (this machine's calibrated profile) or sides: [simulate]"
                 )
             workers = sim.cluster.num_replicas
@@ -254,7 +257,7 @@ class ExperimentConfig:
                 raise ConfigError(f"cluster.num_replicas: the live side runs one worker process per replica or "
                                   f"prefill/decode worker on this machine; {workers} is too many (at most 8)")
             if sim.model is not None and sim.model != sim.sagellm.model.model_id and not Path(sim.model).exists():
-                raise ConfigError(f"model: {sim.model!r} is a shape preset without weights; the live side needs "
+                raise ConfigError(f"model: {show(sim.model)} is a shape preset without weights; the live side needs "
                                   "a model path (or null for the default model)")
 
 
@@ -265,6 +268,6 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = d[k] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"sweep.{dotted}: {k!r} is not a mapping in the experiment")
+            raise ConfigError(f"sweep.{dotted}: {show(k)} is not a mapping in the experiment")
         d = nxt
     d[keys[-1]] = value

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sagellm.backends.idle_speed_probe import median_seconds
-from sagellm.config import SageLLMConfig
+from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.metrics import RequestRecord, handoff_summary, summarize
 from sagellm.metrics.summary import SLO
 from simulator.workloads import TraceRequest, prompt_token_ids
@@ -73,6 +73,12 @@ class LiveRunner:
         from sagellm.engine import GenerateRequest
         from sagellm.engine.replay import replay
 
+        context = getattr(self.engine, "max_model_len", None)
+        too_long = next((tr for tr in trace if context is not None and tr.prompt_len >= context), None)
+        if too_long is not None:  # refused before any token ids are made
+            raise ConfigError(f"workload.prompt_len: request {too_long.request_id!r} has {too_long.prompt_len} prompt "
+                              f"tokens but the live engine's context window is {context}; cap prompts with "
+                              "workload.max_prompt_len")
         timed = [
             (tr.arrival_time, GenerateRequest(prompt_token_ids=tuple(prompt_token_ids(tr, self.vocab_size, i)),
                                               request_id=tr.request_id, max_new_tokens=tr.output_len,

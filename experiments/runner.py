@@ -29,6 +29,15 @@ from simulator.workloads import generate
 PACKAGES = ("torch", "simpy", "numpy", "pandas", "gguf", "transformers", "pyarrow", "matplotlib")
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_experiment`: the points finished so far are kept in `run_dir`, and
+    `run_experiment(..., resume=run_dir)` (`--resume` on the command line) continues from there."""
+
+    def __init__(self, run_dir: Path, finished: int, total: int) -> None:
+        super().__init__(f"interrupted: {finished} of {total} points finished and kept in {run_dir}")
+        self.run_dir, self.finished, self.total = run_dir, finished, total
+
+
 def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), resume: Path | None = None,
                    echo: Callable[[str], None] = print, progress: bool = True, resimulate: bool = False) -> Path:
     """Run (or resume) `cfg`; returns the run folder. Prints each point's summary and fidelity table.
@@ -73,6 +82,9 @@ def run_experiment(cfg: ExperimentConfig, results_root: Path = Path("results"), 
                 rows.append({**base, "side": side["side"], "repeat": side["repeat"], "cpu_steal": side.get("cpu_steal"),
                              **side["summary"]})
             fidelity_rows += [{**base, **f} for f in doc.get("fidelity", [])]
+    except KeyboardInterrupt:
+        finished = sum((run_dir / "points" / p.slug / "done.json").exists() for p in cfg.points)
+        raise RunInterrupted(run_dir, finished, len(cfg.points)) from None
     finally:
         live.close()
     pd.DataFrame(rows).to_csv(run_dir / "summary.csv", index=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 
@@ -171,13 +172,18 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from experiments.config import ExperimentConfig
-    from experiments.runner import run_experiment
+    from experiments.runner import RunInterrupted, run_experiment
 
     cfg = ExperimentConfig.from_yaml(args.file)
     if args.resimulate and not args.resume:
         raise ValueError("--resimulate: needs --resume RUN_DIR (the run whose live measurements to keep)")
-    run_experiment(cfg, Path(args.results), Path(args.resume) if args.resume else None, progress=not args.quiet,
-                   resimulate=args.resimulate)
+    try:
+        run_experiment(cfg, Path(args.results), Path(args.resume) if args.resume else None,
+                       progress=not args.quiet, resimulate=args.resimulate)
+    except RunInterrupted as stop:
+        print(f"\nsagellm: {stop}\nresume it with: sagellm experiment run {shlex.quote(args.file)} "
+              f"--resume {shlex.quote(str(stop.run_dir))}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -203,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"sagellm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nsagellm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ study varies are written once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,12 +17,10 @@ from typing import Any
 from sagellm.core.kv.tiers import KVGranularity, KVPolicy, check_tiering_fields
 from sagellm.core.pd import InferenceMode, ScheduleMode, resolve_modes
 from sagellm.core.scheduler import SchedulerLimits
+from sagellm.errors import ConfigError, show
+from sagellm.yaml_files import load_yaml_mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,26 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {DTYPES}")
+            raise ConfigError(f"model.dtype: {show(self.dtype)} is not one of {DTYPES}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"model.max_model_len: must be > 0 or null, got {self.max_model_len}")
+
+
+# Bounds that no real deployment reaches and that keep a typo from allocating without limit: vLLM
+# uses blocks of 1-256 tokens; 2**24 blocks of the smallest model's KV is already tens of GiB.
+MAX_BLOCK_SIZE = 1024
+MAX_KV_BLOCKS = 2**24
+# A simulated STRICT cluster may be large; a live one spawns a process per worker (see ClusterEngine).
+MAX_WORKERS = 4096
+MAX_THREADS = 1024
+MAX_REPEATS = 1000
+
+
+def _blocks_within_cap(blocks: int, field_name: str, gib: float, minimum: int) -> int:
+    if blocks > MAX_KV_BLOCKS:
+        raise ConfigError(f"kv_cache.{field_name}: {gib} GiB is {blocks} blocks, more than {MAX_KV_BLOCKS}; "
+                          "use fewer GiB or a larger kv_cache.block_size")
+    return max(minimum, blocks)
 
 
 @dataclass(frozen=True)
@@ -73,32 +89,41 @@ class KVCacheConfig:
     max_promotions_per_step: int = 8
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ConfigError(f"kv_cache.block_size: must be > 0, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ConfigError(f"kv_cache.num_blocks: must be > 0 or null, got {self.num_blocks}")
-        if self.memory_gb <= 0:
-            raise ConfigError(f"kv_cache.memory_gb: must be > 0, got {self.memory_gb}")
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ConfigError(f"kv_cache.block_size: must be in [1, {MAX_BLOCK_SIZE}] tokens, got {self.block_size}")
+        for name in ("num_blocks", "ddr_num_blocks", "nvme_num_blocks"):
+            value, low = getattr(self, name), 1 if name == "num_blocks" else 0
+            if value is not None and not low <= value <= MAX_KV_BLOCKS:
+                raise ConfigError(f"kv_cache.{name}: must be in [{low}, {MAX_KV_BLOCKS}] or null, got {value}")
+        for name in ("memory_gb", "ddr_memory_gb", "nvme_memory_gb"):
+            value, low = getattr(self, name), "> 0" if name == "memory_gb" else ">= 0"
+            if not math.isfinite(value) or value < 0 or (value == 0 and name == "memory_gb"):
+                raise ConfigError(f"kv_cache.{name}: must be a finite number {low} (GiB), got {value}")
         granularities = tuple(g.value for g in KVGranularity)
         if self.granularity not in granularities:
-            raise ConfigError(f"kv_cache.granularity: {self.granularity!r} is not one of {granularities}")
-        for name in ("ddr_num_blocks", "nvme_num_blocks"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"kv_cache.{name}: must be >= 0 or null, got {getattr(self, name)}")
-        for name in ("ddr_memory_gb", "nvme_memory_gb"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"kv_cache.{name}: must be >= 0, got {getattr(self, name)}")
+            raise ConfigError(f"kv_cache.granularity: {show(self.granularity)} is not one of {granularities}")
         try:
             check_tiering_fields(self.eviction_policy, self.cold_timeout_s, self.hot_access_threshold,
                                  self.max_promotions_per_step)
         except ValueError as exc:
             raise ConfigError(f"kv_cache.{exc}") from None
 
+    def device_blocks(self, block_bytes: int) -> int:
+        """Blocks of the device pool for blocks of `block_bytes` bytes: `num_blocks`, else as many as
+        `memory_gb` holds (at least 1). ConfigError naming the field when that exceeds MAX_KV_BLOCKS."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return _blocks_within_cap(int(self.memory_gb * 2**30 // block_bytes), "memory_gb", self.memory_gb, 1)
+
     def tier_blocks(self, block_bytes: int) -> tuple[int, int]:
-        """(DDR blocks, NVMe blocks) for blocks of `block_bytes` bytes."""
-        def size(blocks: int | None, gib: float) -> int:
-            return blocks if blocks is not None else int(gib * 2**30 // block_bytes)
-        return size(self.ddr_num_blocks, self.ddr_memory_gb), size(self.nvme_num_blocks, self.nvme_memory_gb)
+        """(DDR blocks, NVMe blocks) for blocks of `block_bytes` bytes; ConfigError naming the field
+        when a tier sized in GiB would exceed MAX_KV_BLOCKS blocks."""
+        def size(blocks: int | None, gib: float, name: str) -> int:
+            if blocks is not None:
+                return blocks
+            return _blocks_within_cap(int(gib * 2**30 // block_bytes), name, gib, 0)
+        return (size(self.ddr_num_blocks, self.ddr_memory_gb, "ddr_memory_gb"),
+                size(self.nvme_num_blocks, self.nvme_memory_gb, "nvme_memory_gb"))
 
     def policy(self, block_bytes: int) -> KVPolicy:
         """The policy layer's view of these settings, for blocks of `block_bytes` bytes."""
@@ -150,8 +175,8 @@ class SchedulerConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"scheduler.{name}: must be > 0 or null, got {getattr(self, name)}")
         for name in ("prefill_workers", "decode_workers"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"scheduler.{name}: must be > 0, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_WORKERS:
+                raise ConfigError(f"scheduler.{name}: must be in [1, {MAX_WORKERS}], got {getattr(self, name)}")
         if self.time_share_decode_steps < 0:
             raise ConfigError(f"scheduler.time_share_decode_steps: must be >= 0, got {self.time_share_decode_steps}")
         if self.max_num_seqs <= 0:
@@ -205,9 +230,11 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"backend.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        if self.num_threads is not None and self.num_threads <= 0:
-            raise ConfigError(f"backend.num_threads: must be > 0 or null, got {self.num_threads}")
+            raise ConfigError(f"backend.device: {show(self.device)} is not one of auto, cpu, cuda, cuda:N")
+        if self.num_threads is not None and not 1 <= self.num_threads <= MAX_THREADS:
+            raise ConfigError(f"backend.num_threads: must be in [1, {MAX_THREADS}] or null, got {self.num_threads}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"backend.seed: must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -222,10 +249,10 @@ class BenchmarkConfig:
     max_mean_tpot_ms: float | None = None
 
     def __post_init__(self) -> None:
-        if self.warmup_runs < 0:
-            raise ConfigError(f"benchmark.warmup_runs: must be >= 0, got {self.warmup_runs}")
-        if self.repeats <= 0:
-            raise ConfigError(f"benchmark.repeats: must be > 0, got {self.repeats}")
+        if not 0 <= self.warmup_runs <= MAX_REPEATS:
+            raise ConfigError(f"benchmark.warmup_runs: must be in [0, {MAX_REPEATS}], got {self.warmup_runs}")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise ConfigError(f"benchmark.repeats: must be in [1, {MAX_REPEATS}], got {self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -254,28 +281,9 @@ class SageLLMConfig:
         merged = self.to_dict()
         for name, values in sections.items():
             if name not in merged:
-                raise ConfigError(f"unknown config section {name!r}; allowed: {sorted(merged)}")
+                raise ConfigError(f"unknown config section {show(name)}; allowed: {sorted(merged)}")
             merged[name].update(values)
         return SageLLMConfig.from_dict(merged)
-
-
-def load_yaml_mapping(path: str | Path, what: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
-    """The mapping in a YAML file ({} for an empty file); `error` naming `what` and the path if the
-    file is missing, is not YAML, or holds something other than a mapping."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{what} {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise error(f"{what} {str(p)!r} must hold a mapping, got {type(data).__name__}")
-    return data
 
 
 def build_section(cls: type, data: Any, prefix: str) -> Any:
@@ -286,15 +294,24 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
     return _build(cls, data, prefix)
 
 
+def unknown_key_message(key: Any, prefix: str, allowed: list[str]) -> str:
+    """'<prefix><key>: unknown key; allowed keys in <section>: [...]', or, for a key that is not a
+    plain name (empty, not a string, odd characters), '<section>: unknown key <repr>; ...'."""
+    where = prefix.rstrip(".") or "config"
+    if isinstance(key, str) and key.isidentifier():
+        return f"{prefix}{key}: unknown key; allowed keys in {where}: {allowed}"
+    return f"{where}: unknown key {show(key)}; allowed keys: {allowed}"
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = [key for key in data if key not in known]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {sorted(known)}")
+        raise ConfigError(unknown_key_message(unknown[0], prefix, sorted(known)))
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, f"{prefix}{name}")
@@ -317,18 +334,24 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return _convert(inner[0], value, where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {show(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {show(value)}")
         return value
     return value

@@ -1,1 +1,1 @@
-"""The SimPy discrete-event simulator: runs sagellm.core policies against cost models (issue 3)."""
+"""The SimPy discrete-event simulator: runs sagellm.core policies against cost models."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sagellm.config import ConfigError, SageLLMConfig
+from sagellm.config import MAX_KV_BLOCKS, ConfigError, SageLLMConfig
 from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.pd import InferenceMode
 from sagellm.core.scheduler import Scheduler
@@ -46,12 +46,10 @@ def kv_num_blocks(shape: ModelShape, sagellm: SageLLMConfig, spec: HardwareSpec 
     `memory_utilization` of its memory after the weights (as vLLM's gpu_memory_utilization); on the
     local machine (spec None) `kv_cache.memory_gb`, exactly as the engine sizes its pool."""
     kvc = sagellm.kv_cache
-    if kvc.num_blocks:
-        return kvc.num_blocks
     b = dtype_bytes(sagellm.model.dtype)
     per_block = kvc.block_size * shape.kv_bytes_per_token(b)
-    if spec is None:
-        return max(1, int(kvc.memory_gb * 2**30 // per_block))
+    if kvc.num_blocks or spec is None:
+        return kvc.device_blocks(per_block)
     weights = shape.num_parameters() * b
     free = spec.memory_capacity * memory_utilization - weights
     if free < per_block:
@@ -60,7 +58,11 @@ def kv_num_blocks(shape: ModelShape, sagellm: SageLLMConfig, spec: HardwareSpec 
             f"more than memory_utilization x capacity = {spec.memory_capacity * memory_utilization / 1e9:.1f} GB "
             f"of {spec.name}; use more memory_utilization, a smaller dtype or model"
         )
-    return int(free // per_block)
+    blocks = int(free // per_block)
+    if blocks > MAX_KV_BLOCKS:
+        raise ConfigError(f"kv_cache.block_size: {spec.name}'s free memory holds {blocks} blocks of "
+                          f"{kvc.block_size} tokens, more than {MAX_KV_BLOCKS}; use larger blocks or set num_blocks")
+    return blocks
 
 
 def kv_block_bytes(shape: ModelShape, sagellm: SageLLMConfig) -> int:

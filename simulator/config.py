@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagellm.config import ConfigError, SageLLMConfig, build_section, load_yaml_mapping
+from sagellm.config import (
+    MAX_WORKERS,
+    ConfigError,
+    SageLLMConfig,
+    build_section,
+    load_yaml_mapping,
+    unknown_key_message,
+)
 from sagellm.core.router import ROUTER_KINDS
+from sagellm.errors import show
 from sagellm.metrics import SLO
 from simulator.workloads import WorkloadError, WorkloadSpec
 
@@ -36,10 +44,10 @@ class ClusterConfig:
     router: str = "round_robin"
 
     def __post_init__(self) -> None:
-        if self.num_replicas <= 0:
-            raise ConfigError(f"cluster.num_replicas: must be > 0, got {self.num_replicas}")
+        if not 1 <= self.num_replicas <= MAX_WORKERS:
+            raise ConfigError(f"cluster.num_replicas: must be in [1, {MAX_WORKERS}], got {self.num_replicas}")
         if self.router not in ROUTER_KINDS:
-            raise ConfigError(f"cluster.router: {self.router!r} is not one of {ROUTER_KINDS}")
+            raise ConfigError(f"cluster.router: {show(self.router)} is not one of {ROUTER_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -79,14 +87,14 @@ class SimulationConfig:
     def from_dict(cls, data: Any, base_dir: str | Path = ".") -> SimulationConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"simulation config: expected a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_KEYS))
+        unknown = [key for key in data if key not in _KEYS]
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown key; allowed top-level keys: {sorted(_KEYS)}")
+            raise ConfigError(unknown_key_message(unknown[0], "", sorted(_KEYS)))
         if "workload" not in data:
             raise ConfigError("workload: missing; a simulation needs a workload (arrival, prompt_len, output_len)")
         for key in ("name", "hardware", "model"):
             if key in data and data[key] is not None and not isinstance(data[key], str):
-                raise ConfigError(f"{key}: expected a string, got {data[key]!r}")
+                raise ConfigError(f"{key}: expected a string, got {show(data[key])}")
         if not data.get("hardware", "local"):
             raise ConfigError("hardware: must be a spec name, a spec/profile path, or 'local'")
         try:
@@ -95,10 +103,10 @@ class SimulationConfig:
             raise ConfigError(str(exc)) from exc
         mem = data.get("memory_utilization", 0.9)
         if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not 0 < mem <= 1:
-            raise ConfigError(f"memory_utilization: must be in (0, 1], got {mem!r}")
+            raise ConfigError(f"memory_utilization: must be in (0, 1], got {show(mem)}")
         interval = data.get("kv_sample_interval", 1.0)
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
-            raise ConfigError(f"kv_sample_interval: must be a number >= 0, got {interval!r}")
+            raise ConfigError(f"kv_sample_interval: must be a number >= 0, got {show(interval)}")
         return cls(
             workload=workload,
             hardware=data.get("hardware", "local"),

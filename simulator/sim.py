@@ -31,6 +31,11 @@ from simulator.pd_cluster import StrictCluster
 from simulator.replica import Replica
 from simulator.workloads import TraceRequest, WorkloadError, generate, prompt_token_ids
 
+# Requests in the replicas hold their prompts' token ids; past this many tokens (about 1 GiB of
+# them) a run is stopped with an error instead of growing its queue until memory runs out.
+MAX_OUTSTANDING_TOKENS = 2**27
+OUTSTANDING_CHECK_EVERY = 1024
+
 
 @dataclass
 class SimulationResult:
@@ -182,10 +187,20 @@ class Simulation:
         env = self.env
         vocab = self.shape.vocab_size
         replicas = self.replicas
+        context = replicas[0].scheduler.max_model_len
         for index, tr in enumerate(self._trace):
             if tr.arrival_time > env.now:
                 yield env.timeout(tr.arrival_time - env.now)
+            if index % OUTSTANDING_CHECK_EVERY == 0:
+                self._check_outstanding(index)
+            if tr.prompt_len >= context:  # refused as the scheduler would, before building its token ids
+                self.rejected.append((tr.request_id, f"request {tr.request_id!r}: prompt has {tr.prompt_len} "
+                                      f"tokens but the context window is {context} tokens (prompt plus at least "
+                                      "one new token)"))
+                self.collector.add_rejected(tr.request_id, 0, tr.arrival_time, tr.prompt_len, env.now)
+                continue
             req = self._request(tr, vocab, index)
+            target = 0
             try:
                 if self.strict is not None:
                     target = self.strict.submit(req)
@@ -197,6 +212,17 @@ class Simulation:
                 req.finish_time = env.now
                 self.rejected.append((tr.request_id, str(exc)))
                 self.collector.add(req, target)
+
+    def _check_outstanding(self, num_arrived: int) -> None:
+        """ConfigError once the prompts waiting or running in the replicas exceed
+        MAX_OUTSTANDING_TOKENS: the offered load is so far beyond what the cluster serves that the
+        queue would grow until memory runs out."""
+        tokens = sum(r.num_prompt_tokens for replica in self.replicas for r in replica.scheduler.requests.values())
+        if tokens > MAX_OUTSTANDING_TOKENS:
+            raise ConfigError(
+                f"workload: after {num_arrived} arrivals, {tokens} prompt tokens are queued or running at "
+                f"t={self.env.now:.1f} s (at most {MAX_OUTSTANDING_TOKENS} are simulated); the offered load far "
+                "exceeds what the cluster serves: lower workload.arrival.rate or num_requests, or add replicas")
 
     def _request(self, tr: TraceRequest, vocab: int, index: int) -> Request:
         sampling = self._sampling.get(tr.output_len)

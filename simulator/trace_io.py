@@ -20,6 +20,7 @@ equal requests (floats are written with `repr`, which round-trips exactly).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -28,8 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sagellm.errors import InputError, show
+
 # Tokens per entry of `hash_ids` in the Mooncake traces (FAST'25 release).
 MOONCAKE_HASH_BLOCK_SIZE = 512
+# No model has a context window of this many tokens; a longer prompt or output is a broken row.
+MAX_LENGTH = 2**24
 
 ARRIVAL_COLUMNS = ("arrival_time", "arrived_at")
 PROMPT_COLUMNS = ("prompt_len", "num_prefill_tokens", "input_length")
@@ -40,7 +45,7 @@ _ALIASES = {alias: names[0] for names in (*_REQUIRED.values(), HASH_COLUMNS) for
 _OPTIONAL_CSV_COLUMNS = ("request_id", "prompt_token_ids", "block_hash_ids", "prefix_group", "prefix_len")
 
 
-class WorkloadError(ValueError):
+class WorkloadError(InputError):
     """Bad workload spec or trace file; the message names the field (e.g.
     'workload.arrival.rate: must be > 0, got -1') or the file, line and field."""
 
@@ -82,19 +87,19 @@ def parse_int(value: Any, where: str) -> int:
             pass
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    raise WorkloadError(f"{where}: must be an integer, got {value!r}")
+    raise WorkloadError(f"{where}: must be an integer, got {show(value)}")
 
 
 def parse_float(value: Any, where: str) -> float:
     """`value` (a number or its text) as a finite float; WorkloadError naming `where` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise WorkloadError(f"{where}: must be a number, got {value!r}")
+        raise WorkloadError(f"{where}: must be a number, got {show(value)}")
     try:
         number = float(value)
     except ValueError:
-        raise WorkloadError(f"{where}: must be a number, got {value!r}") from None
+        raise WorkloadError(f"{where}: must be a number, got {show(value)}") from None
     if not math.isfinite(number):
-        raise WorkloadError(f"{where}: must be finite, got {value!r}")
+        raise WorkloadError(f"{where}: must be finite, got {show(value)}")
     return number
 
 
@@ -104,7 +109,7 @@ def _parse_ids(value: Any, where: str) -> tuple[int, ...] | None:
         return None
     items = value.split() if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise WorkloadError(f"{where}: must be a list of integers, got {value!r}")
+        raise WorkloadError(f"{where}: must be a list of integers, got {show(value)}")
     ids = tuple(parse_int(item, where) for item in items)
     if min(ids) < 0:
         raise WorkloadError(f"{where}: ids must be >= 0, got {min(ids)}")
@@ -118,8 +123,8 @@ def check_request(req: TraceRequest, where: str) -> None:
     if not (math.isfinite(req.arrival_time) and req.arrival_time >= 0):
         raise WorkloadError(f"{where}: arrival_time: must be finite and >= 0, got {req.arrival_time}")
     for name in ("prompt_len", "output_len"):
-        if getattr(req, name) < 1:
-            raise WorkloadError(f"{where}: {name}: must be >= 1, got {getattr(req, name)}")
+        if not 1 <= getattr(req, name) <= MAX_LENGTH:
+            raise WorkloadError(f"{where}: {name}: must be in [1, {MAX_LENGTH}], got {getattr(req, name)}")
     if req.prompt_token_ids is not None and len(req.prompt_token_ids) != req.prompt_len:
         raise WorkloadError(
             f"{where}: prompt_token_ids: has {len(req.prompt_token_ids)} ids but prompt_len is {req.prompt_len}"
@@ -175,14 +180,30 @@ def _check_order(requests: Sequence[TraceRequest], wheres: Sequence[str]) -> Non
                 f"{requests[i - 1].arrival_time} (traces must be sorted by arrival)"
             )
         if req.request_id in seen:
-            raise WorkloadError(f"{wheres[i]}: request_id: duplicate {req.request_id!r}")
+            raise WorkloadError(f"{wheres[i]}: request_id: duplicate {show(req.request_id)}")
         seen.add(req.request_id)
+
+
+@contextlib.contextmanager
+def _unreadable_as_error(path: Path) -> Iterator[None]:
+    """Turn what the file itself makes the readers raise (not text, a CSV field beyond the csv
+    module's limit, a number too long to convert) into a WorkloadError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.start}); give a .csv or .jsonl trace") from None
+    except (csv.Error, RecursionError, OverflowError) as exc:
+        raise WorkloadError(f"{path}: unreadable trace: {show(str(exc))}") from None
+    except ValueError as exc:
+        if isinstance(exc, WorkloadError):
+            raise
+        raise WorkloadError(f"{path}: unreadable trace: {show(str(exc))}") from None
 
 
 def _open_trace(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in (".jsonl", ".csv"):
-        raise WorkloadError(f"{path}: unsupported trace format {path.suffix!r} (use .jsonl or .csv)")
+        raise WorkloadError(f"{path}: unsupported trace format {show(path.suffix)} (use .jsonl or .csv)")
     if not path.is_file():
         raise WorkloadError(f"{path}: no such trace file")
     return path
@@ -195,7 +216,7 @@ def _csv_header(path: Path, header: list[str] | None) -> list[str]:
     columns = [_ALIASES.get(h, h) for h in header]
     for name in columns:
         if columns.count(name) > 1:
-            raise WorkloadError(f"{path}: line 1: column {name!r} given twice (under an alias); columns: {header}")
+            raise WorkloadError(f"{path}: line 1: column {show(name)} given twice (under an alias); columns: {header}")
     for name, names in _REQUIRED.items():
         if name not in columns:
             raise WorkloadError(f"{path}: line 1: missing column {' or '.join(map(repr, names))}; columns: {header}")
@@ -240,9 +261,10 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
     rows = _iter_csv_rows(path) if path.suffix == ".csv" else ((w, _canonical(o)) for w, o in _iter_jsonl_rows(path))
     requests: list[TraceRequest] = []
     wheres: list[str] = []
-    for where, fields in rows:
-        requests.append(_request_from_fields(fields, len(requests), where))
-        wheres.append(where)
+    with _unreadable_as_error(path):
+        for where, fields in rows:
+            requests.append(_request_from_fields(fields, len(requests), where))
+            wheres.append(where)
     if not requests:
         raise WorkloadError(f"{path}: empty trace (no rows)")
     _check_order(requests, wheres)
@@ -251,8 +273,8 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
 
 def _length(value: Any, where: str) -> int:
     number = parse_int(value, where)
-    if number < 1:
-        raise WorkloadError(f"{where}: must be >= 1, got {number}")
+    if not 1 <= number <= MAX_LENGTH:
+        raise WorkloadError(f"{where}: must be in [1, {MAX_LENGTH}], got {number}")
     return number
 
 
@@ -271,8 +293,9 @@ def _csv_lengths(path: Path, columns: Sequence[str]) -> list[int]:
                 value = int(row[col])
             except (ValueError, IndexError):
                 value = _length(row[col] if col < len(row) else None, f"{path}: line {reader.line_num}: {name}")
-            if value < 1:
-                raise WorkloadError(f"{path}: line {reader.line_num}: {name}: must be >= 1, got {value}")
+            if not 1 <= value <= MAX_LENGTH:
+                raise WorkloadError(
+                    f"{path}: line {reader.line_num}: {name}: must be in [1, {MAX_LENGTH}], got {value}")
             values.append(value)
     return values
 
@@ -291,7 +314,8 @@ def read_lengths(path: str | Path, columns: Sequence[str]) -> list[int]:
     """The integer values (each >= 1) of the first of the raw `columns` present in a trace, in file
     order, for empirical length distributions. WorkloadError naming file, line and column otherwise."""
     path = _open_trace(path)
-    values = _csv_lengths(path, columns) if path.suffix == ".csv" else _jsonl_lengths(path, columns)
+    with _unreadable_as_error(path):
+        values = _csv_lengths(path, columns) if path.suffix == ".csv" else _jsonl_lengths(path, columns)
     if not values:
         raise WorkloadError(f"{path}: empty trace (no rows)")
     return values
@@ -329,7 +353,7 @@ def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
     WorkloadError for an unknown suffix, no requests, or requests breaking the TraceRequest contract."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".csv"):
-        raise WorkloadError(f"{path}: unsupported trace format {path.suffix!r} (use .jsonl or .csv)")
+        raise WorkloadError(f"{path}: unsupported trace format {show(path.suffix)} (use .jsonl or .csv)")
     reqs = list(requests)
     if not reqs:
         raise WorkloadError(f"{path}: no requests to write")

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagellm.errors import show
 from simulator.trace_io import (
+    MAX_LENGTH,
     MOONCAKE_HASH_BLOCK_SIZE,
     OUTPUT_COLUMNS,
     PROMPT_COLUMNS,
@@ -42,6 +44,15 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+
+# Bounds far above any real workload, so that a typo cannot make a generator run without end or a
+# request of astronomic length: a week of the Azure traces is ~10^6 requests; no model has a context
+# window of MAX_LENGTH tokens; lognormal sigma above 10 or gamma CV outside [1e-3, 1e3] describe no traffic.
+MAX_NUM_REQUESTS = 2_000_000
+MAX_SIGMA = 10.0
+CV_RANGE = (1e-3, 1e3)
+MAX_TIME_SCALE = 1e6
+MAX_SEED = 2**63
 
 
 # --- spec ---------------------------------------------------------------------------------------------------------
@@ -117,16 +128,16 @@ _WORKLOAD_KEYS = (
 def _mapping(value: Any, where: str, allowed: Iterable[str]) -> Mapping[str, Any]:
     """`value` as a mapping whose keys are all in `allowed`; WorkloadError naming the bad key otherwise."""
     if not isinstance(value, Mapping):
-        raise WorkloadError(f"{where}: must be a mapping, got {value!r}")
+        raise WorkloadError(f"{where}: must be a mapping, got {show(value)}")
     allowed = tuple(allowed)
     for key in value:
         if key not in allowed:
-            raise WorkloadError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+            raise WorkloadError(f"{where}: unknown key {show(key)}; allowed: {', '.join(allowed)}")
     return value
 
 
 def _num(d: Mapping[str, Any], key: str, where: str, *, integer: bool = False, default: Any = _MISSING,
-         gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+         gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """`d[key]` checked to be a number (an int if `integer`) within the bounds; `default` if absent/null."""
     where = f"{where}.{key}"
     if d.get(key) is None:
@@ -134,9 +145,10 @@ def _num(d: Mapping[str, Any], key: str, where: str, *, integer: bool = False, d
             raise WorkloadError(f"{where}: required")
         return default
     value = parse_int(d[key], where) if integer else parse_float(d[key], where)
-    for bound, ok, op in ((gt, operator.gt, ">"), (ge, operator.ge, ">="), (le, operator.le, "<=")):
+    for bound, ok, op in ((gt, operator.gt, ">"), (ge, operator.ge, ">="), (le, operator.le, "<="),
+                          (lt, operator.lt, "<")):
         if bound is not None and not ok(value, bound):
-            raise WorkloadError(f"{where}: must be {op} {bound}, got {d[key]!r}")
+            raise WorkloadError(f"{where}: must be {op} {bound}, got {show(d[key])}")
     return value
 
 
@@ -144,10 +156,10 @@ def _kind(d: Mapping[str, Any], where: str, kinds: Mapping[str, tuple[str, ...]]
     if d is None:
         raise WorkloadError(f"{where}: required")
     if not isinstance(d, Mapping):
-        raise WorkloadError(f"{where}: must be a mapping, got {d!r}")
+        raise WorkloadError(f"{where}: must be a mapping, got {show(d)}")
     kind = d.get("kind")
     if kind not in kinds:
-        raise WorkloadError(f"{where}.kind: {'required' if kind is None else f'unknown kind {kind!r}'}; "
+        raise WorkloadError(f"{where}.kind: {'required' if kind is None else f'unknown kind {show(kind)}'}; "
                             f"allowed: {', '.join(kinds)}")
     _mapping(d, where, ("kind", *kinds[kind]))
     return kind
@@ -155,7 +167,7 @@ def _kind(d: Mapping[str, Any], where: str, kinds: Mapping[str, tuple[str, ...]]
 
 def _path(d: Mapping[str, Any], where: str) -> str:
     if not isinstance(d.get("path"), str) or not d["path"]:
-        raise WorkloadError(f"{where}.path: must be a non-empty string, got {d.get('path')!r}")
+        raise WorkloadError(f"{where}.path: must be a non-empty string, got {show(d.get('path'))}")
     return d["path"]
 
 
@@ -163,8 +175,9 @@ def parse_arrival(d: Any, where: str) -> ArrivalSpec:
     """An ArrivalSpec from its dict; WorkloadError naming the field for anything invalid."""
     kind = _kind(d, where, _ARRIVAL_KEYS)
     if kind == "replay":
-        return ArrivalSpec(kind, path=_path(d, where), time_scale=_num(d, "time_scale", where, default=1.0, gt=0))
-    cv = _num(d, "cv", where, gt=0) if kind == "gamma" else None
+        return ArrivalSpec(kind, path=_path(d, where),
+                           time_scale=_num(d, "time_scale", where, default=1.0, gt=0, le=MAX_TIME_SCALE))
+    cv = _num(d, "cv", where, ge=CV_RANGE[0], le=CV_RANGE[1]) if kind == "gamma" else None
     return ArrivalSpec(kind, rate=_num(d, "rate", where, gt=0), cv=cv)
 
 
@@ -174,17 +187,18 @@ def parse_length(d: Any, where: str) -> LengthSpec:
         d = {"kind": "fixed", "value": d}
     kind = _kind(d, where, _LENGTH_KEYS)
     if kind == "fixed":
-        return LengthSpec(kind, value=_num(d, "value", where, integer=True, ge=1))
+        return LengthSpec(kind, value=_num(d, "value", where, integer=True, ge=1, le=MAX_LENGTH))
     if kind == "uniform":
-        low = _num(d, "low", where, integer=True, ge=1)
-        return LengthSpec(kind, low=low, high=_num(d, "high", where, integer=True, ge=low))
+        low = _num(d, "low", where, integer=True, ge=1, le=MAX_LENGTH)
+        return LengthSpec(kind, low=low, high=_num(d, "high", where, integer=True, ge=low, le=MAX_LENGTH))
     if kind == "lognormal":
-        low = _num(d, "min", where, integer=True, default=1, ge=1)
-        return LengthSpec(kind, median=_num(d, "median", where, gt=0), sigma=_num(d, "sigma", where, gt=0),
-                          min=low, max=_num(d, "max", where, integer=True, default=None, ge=low))
+        low = _num(d, "min", where, integer=True, default=1, ge=1, le=MAX_LENGTH)
+        return LengthSpec(kind, median=_num(d, "median", where, gt=0, le=MAX_LENGTH),
+                          sigma=_num(d, "sigma", where, gt=0, le=MAX_SIGMA),
+                          min=low, max=_num(d, "max", where, integer=True, default=None, ge=low, le=MAX_LENGTH))
     column = d.get("column")
     if column is not None and (not isinstance(column, str) or not column):
-        raise WorkloadError(f"{where}.column: must be a non-empty string or null, got {column!r}")
+        raise WorkloadError(f"{where}.column: must be a non-empty string or null, got {show(column)}")
     return LengthSpec(kind, path=_path(d, where), column=column)
 
 
@@ -193,7 +207,7 @@ def parse_conversation(d: Any, where: str) -> ConversationSpec:
     d = _mapping(d, where, ("turns", "user_len", "think_time_s"))
     if d.get("user_len") is None:
         raise WorkloadError(f"{where}.user_len: required (a length distribution)")
-    return ConversationSpec(turns=_num(d, "turns", where, integer=True, ge=1),
+    return ConversationSpec(turns=_num(d, "turns", where, integer=True, ge=1, le=MAX_NUM_REQUESTS),
                             user_len=parse_length(d["user_len"], f"{where}.user_len"),
                             think_time_s=_num(d, "think_time_s", where, gt=0))
 
@@ -201,8 +215,8 @@ def parse_conversation(d: Any, where: str) -> ConversationSpec:
 def parse_shared_prefix(d: Any, where: str) -> SharedPrefixSpec:
     """A SharedPrefixSpec from its dict; WorkloadError naming the field if invalid."""
     d = _mapping(d, where, ("num_groups", "length", "fraction"))
-    return SharedPrefixSpec(num_groups=_num(d, "num_groups", where, integer=True, ge=1),
-                            length=_num(d, "length", where, integer=True, ge=1),
+    return SharedPrefixSpec(num_groups=_num(d, "num_groups", where, integer=True, ge=1, le=MAX_NUM_REQUESTS),
+                            length=_num(d, "length", where, integer=True, ge=1, le=MAX_LENGTH),
                             fraction=_num(d, "fraction", where, default=1.0, ge=0, le=1))
 
 
@@ -239,12 +253,16 @@ class WorkloadSpec:
                 raise WorkloadError(f"{field}.{key}: required unless arrival.kind is 'replay'")
             lengths[key] = None if d.get(key) is None else parse_length(d[key], f"{field}.{key}")
         duration = _num(d, "duration", field, default=None, gt=0)
-        num_requests = _num(d, "num_requests", field, integer=True, default=None, ge=1)
+        num_requests = _num(d, "num_requests", field, integer=True, default=None, ge=1, le=MAX_NUM_REQUESTS)
         if num_requests is None and duration is None and not replay:
             raise WorkloadError(f"{field}.num_requests: required unless arrival.kind is 'replay' or duration is given")
+        if num_requests is None and not replay and duration * arrival.rate > MAX_NUM_REQUESTS:
+            raise WorkloadError(f"{field}.duration: {show(duration)} s at {arrival.rate} req/s is about "
+                                f"{duration * arrival.rate:.3g} requests, more than {MAX_NUM_REQUESTS}; "
+                                "shorten it or set num_requests")
         prefix = d.get("shared_prefix")
         prefix = None if prefix is None else parse_shared_prefix(prefix, f"{field}.shared_prefix")
-        max_prompt = _num(d, "max_prompt_len", field, integer=True, default=None, ge=1)
+        max_prompt = _num(d, "max_prompt_len", field, integer=True, default=None, ge=1, le=MAX_LENGTH)
         conversation = d.get("conversation")
         if conversation is not None:
             conversation = parse_conversation(conversation, f"{field}.conversation")
@@ -257,9 +275,9 @@ class WorkloadSpec:
                 f"{field}.shared_prefix.length: must be < max_prompt_len={max_prompt}, got {prefix.length}"
             )
         return cls(arrival, lengths["prompt_len"], lengths["output_len"], num_requests=num_requests,
-                   duration=duration, seed=_num(d, "seed", field, integer=True, default=0), shared_prefix=prefix,
-                   max_prompt_len=max_prompt, max_output_len=_num(d, "max_output_len", field, integer=True,
-                                                                  default=None, ge=1),
+                   duration=duration, seed=_num(d, "seed", field, integer=True, default=0, gt=-MAX_SEED, lt=MAX_SEED),
+                   shared_prefix=prefix, max_prompt_len=max_prompt,
+                   max_output_len=_num(d, "max_output_len", field, integer=True, default=None, ge=1, le=MAX_LENGTH),
                    conversation=conversation, name=field)
 
 
@@ -293,7 +311,7 @@ def _length_sampler(spec: LengthSpec | None, rng: random.Random, base: Path, whe
     if spec.kind == "uniform":
         return lambda i: rng.randint(spec.low, spec.high)
     if spec.kind == "lognormal":
-        mu, hi = math.log(spec.median), spec.max or 2**31 - 1  # finite cap: round(inf) would raise
+        mu, hi = math.log(spec.median), spec.max or MAX_LENGTH
         return lambda i: round(min(hi, max(spec.min, rng.lognormvariate(mu, spec.sigma))))
     default = PROMPT_COLUMNS if where.endswith("prompt_len") else OUTPUT_COLUMNS
     columns = (spec.column,) if spec.column else (default[1], default[0], default[2])

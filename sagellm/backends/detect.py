@@ -42,6 +42,23 @@ def device_info(device: torch.device) -> DeviceInfo:
     return DeviceInfo("cpu", "cpu", name, mem, torch.get_num_threads())
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` now (CUDA: free device memory; CPU: the
+    kernel's MemAvailable), or None when this system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 def empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.config import SageLLMConfig
+from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
 from sagellm.core.router import make_router
 from sagellm.engine.cluster_worker import worker_main
@@ -33,6 +33,9 @@ from sagellm.engine.types import (
 from sagellm.metrics import handoff_summary
 
 log = logging.getLogger(__name__)
+
+# Each worker is a process that loads the model; more than this on one machine is a typo.
+MAX_LIVE_WORKERS = 64
 
 
 @dataclass
@@ -80,6 +83,9 @@ class ClusterEngine:
             if num_replicas <= 0:
                 raise ValueError(f"num_replicas: must be > 0, got {num_replicas}")
             self.roles = ["standard"] * num_replicas
+        if len(self.roles) > MAX_LIVE_WORKERS:
+            raise ConfigError(f"{'scheduler.prefill_workers + decode_workers' if self.strict else 'num_replicas'}: "
+                              f"{len(self.roles)} worker processes, more than {MAX_LIVE_WORKERS} (each loads a model)")
         self.router = None if self.strict else make_router(router, num_replicas)
         self.coordinator = PDCoordinator(sched.prefill_workers, sched.decode_workers) if self.strict else None
         self.retry = sched.retry_on_worker_failure
@@ -152,7 +158,8 @@ class ClusterEngine:
     def shutdown(self) -> None:
         if self._thread is None:
             return
-        self._stopping = True
+        with self._lock:  # a submission either is tracked before this (and answered below) or is refused
+            self._stopping = True
         self._thread.join(timeout=10.0)
         self._thread = None
         for w in self.workers:
@@ -246,6 +253,8 @@ class ClusterEngine:
     def _submit(self, req: GenerateRequest, on_done: Callable[[GenerateOutput], None]) -> None:
         self._check_alive()
         with self._lock:
+            if self._stopping:
+                raise RuntimeError("the cluster is shutting down")
             if req.request_id in self._tracked:
                 _deliver(on_done, rejected_output(req, f"request_id {req.request_id!r} is already in flight"))
                 return

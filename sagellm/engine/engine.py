@@ -21,6 +21,7 @@ from sagellm.core.pd import ScheduleMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
+from sagellm.engine.kv_sizing import check_kv_fits
 from sagellm.engine.kv_tiers import KVTransferExecutor
 from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.pd_transport import HandoffMeta
@@ -33,6 +34,7 @@ from sagellm.engine.types import (
     coerce_request,
     collect_outputs,
 )
+from sagellm.errors import RequestError, show
 from sagellm.graph.batch import BatchShape
 from sagellm.metrics.records import RequestRecord
 from sagellm.models.attention import PagedKVCache
@@ -62,7 +64,7 @@ class SageLLMEngine:
     Contract: `initialize()` loads the model and starts one background thread that runs the loop
     schedule -> execute -> update; `generate`, `generate_batch`, `generate_async` and
     `generate_stream` all submit to that loop, so concurrent callers share batches. Invalid
-    requests raise `ValueError` in the caller before anything is queued. A failing step ends the
+    requests raise `RequestError` (a ValueError) in the caller before anything is queued. A failing step ends the
     requests in it with finish_reason "error" and the loop keeps serving. `shutdown()` stops the
     loop and ends unfinished requests with "abort".
     """
@@ -73,6 +75,9 @@ class SageLLMEngine:
         self._pending: dict[str, _Pending] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._accepting = False  # guarded by _submit_lock: work is queued only while it is True
+        self._failure: str | None = None  # why the loop died, if it did
+        self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "finished": 0, "errors": 0,
                        "busy_s": 0.0}
@@ -99,16 +104,16 @@ class SageLLMEngine:
         self.max_model_len = min(cfg.model.max_model_len or shape.max_position_embeddings,
                                  shape.max_position_embeddings)
         block_size = cfg.kv_cache.block_size
-        num_blocks = cfg.kv_cache.num_blocks or max(
-            1, int(cfg.kv_cache.memory_gb * 2**30 // (block_size * shape.kv_bytes_per_token(self.dtype.itemsize)))
-        )
+        block_bytes = block_size * shape.kv_bytes_per_token(self.dtype.itemsize)
+        num_blocks = cfg.kv_cache.device_blocks(block_bytes)
+        policy = cfg.kv_cache.policy(block_bytes)
+        check_kv_fits(self.device, block_bytes, num_blocks, policy.ddr_blocks, policy.nvme_blocks,
+                      cfg.kv_cache.nvme_path, "num_blocks" if cfg.kv_cache.num_blocks else "memory_gb")
         self.model = LlamaModel(shape, weights, self.dtype, self.device, self.max_model_len,
                                 pack_weights=cfg.backend.kernels)
         del weights
         self.kv_cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, num_blocks, block_size,
                                      shape.head_dim, self.dtype, self.device)
-        block_bytes = block_size * shape.kv_bytes_per_token(self.dtype.itemsize)
-        policy = cfg.kv_cache.policy(block_bytes)
         self.kv_manager = KVCacheManager(num_blocks, block_size, policy)
         self.kv_transfers = KVTransferExecutor(self.kv_cache, policy.ddr_blocks, policy.nvme_blocks,
                                                cfg.kv_cache.nvme_path)
@@ -121,6 +126,8 @@ class SageLLMEngine:
         )
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(shape.eos_token_ids)))
         self._stopping = False
+        self._accepting = True
+        self._failure = None
         self._started_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="sagellm-engine", daemon=True)
         self._thread.start()
@@ -133,7 +140,9 @@ class SageLLMEngine:
     def shutdown(self) -> None:
         if self._thread is None:
             return
-        self._inbox.put(("stop", None))
+        with self._submit_lock:  # every message queued before "stop" is handled; none after it
+            self._accepting = False
+            self._inbox.put(("stop", None))
         self._thread.join()
         self._thread = None
         self.kv_transfers.close()
@@ -154,8 +163,7 @@ class SageLLMEngine:
         self._check_unique([r.request_id for r in reqs])
         done: queue.Queue = queue.Queue()
         # One message for the whole batch: the loop admits all of it before its next step.
-        self._check_alive()
-        self._inbox.put(("add_many", ([_Pending(r, ids, done.put) for r, ids in prepared], time.monotonic())))
+        self._post("add_many", ([_Pending(r, ids, done.put) for r, ids in prepared], time.monotonic()))
         return collect_outputs(done, [r.request_id for r in reqs], self._check_alive)
 
     async def generate_async(self, request: GenerateRequest | str, **kwargs: Any) -> GenerateOutput:
@@ -168,11 +176,12 @@ class SageLLMEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(lambda: future.done() or future.set_result(out))
 
-        self._submit(_Pending(r, ids, done))
+        pending = _Pending(r, ids, done)
+        self._submit(pending)
         try:
             return await future
         except asyncio.CancelledError:
-            self.abort(r.request_id)
+            self._abort_own(pending)
             raise
 
     def generate_stream(self, request: GenerateRequest | str, **kwargs: Any) -> TokenStream:
@@ -182,7 +191,13 @@ class SageLLMEngine:
         return TokenStream(self, r, ids)
 
     def abort(self, request_id: str) -> None:
+        """End the in-flight request `request_id`, whoever submitted it (finish reason "abort")."""
         self._inbox.put(("abort", request_id))
+
+    def _abort_own(self, pending: _Pending) -> None:
+        """End the request of this submission only: if its id was rejected (a duplicate of another
+        caller's in-flight request) or has finished and been reused, nothing else is touched."""
+        self._inbox.put(("abort_own", pending))
 
     # ---- prefill/decode workers (inference_mode prefill_only / decode_only) -------------------
     def set_handoff(self, sender: Any) -> None:
@@ -200,8 +215,7 @@ class SageLLMEngine:
         """On a decode-only engine: continue a request prefilled elsewhere (`meta`, a `HandoffMeta`)
         whose prompt KV is `kv` (`[layers, 2, blocks, block_size, kv_heads, head_dim]`); `on_done`
         gets its output. The output's token ids include the first token sampled by the prefill worker."""
-        self._check_alive()
-        self._inbox.put(("add_prefilled", (_Pending(meta.request, meta.prompt_ids, on_done), meta, kv)))
+        self._post("add_prefilled", (_Pending(meta.request, meta.prompt_ids, on_done), meta, kv))
 
     def reset_prefix_cache(self, timeout: float = 60.0) -> None:
         """Forget all cached KV blocks in every tier and zero the KV stats, once no request is in
@@ -211,7 +225,7 @@ class SageLLMEngine:
         while True:
             done: queue.Queue = queue.Queue()
             request = {"reply": done.put, "cancelled": False}
-            self._inbox.put(("reset_cache", request))
+            self._post("reset_cache", request)
             try:
                 if done.get(timeout=max(0.0, deadline - time.monotonic()) + 1.0):
                     return
@@ -288,19 +302,20 @@ class SageLLMEngine:
         elif req.messages is not None:
             try:
                 ids = tuple(self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True))
-            except ValueError:
+            except RequestError:
                 raise
             except Exception as exc:  # the template itself rejected the messages
-                raise ValueError(f"messages: the chat template cannot render them: {exc}") from exc
+                raise RequestError(f"messages: the chat template cannot render them: {show(str(exc))}") from exc
         else:
             ids = req.prompt_token_ids
             bad = [t for t in ids if t >= self.shape.vocab_size]
             if bad:
-                raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (size {self.shape.vocab_size})")
+                raise RequestError(
+                    f"prompt_token_ids: {bad[0]} is outside the vocabulary (size {self.shape.vocab_size})")
         if not ids:
-            raise ValueError("prompt: tokenizes to zero tokens")
+            raise RequestError("prompt: tokenizes to zero tokens")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"prompt: {len(ids)} tokens is longer than the context window allows "
                 f"(max_model_len {self.max_model_len}, which must leave room for one new token)"
             )
@@ -312,24 +327,66 @@ class SageLLMEngine:
         scheduler as an "error" output for the newcomer."""
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"request_id {dup!r} appears more than once in the batch")
+            raise RequestError(f"request_id {dup!r} appears more than once in the batch")
 
     def _submit(self, pending: _Pending) -> None:
-        self._check_alive()
-        self._inbox.put(("add", (pending, time.monotonic())))
+        self._post("add", (pending, time.monotonic()))
+
+    def _post(self, kind: str, payload: Any) -> None:
+        """Queue a message for the loop, or RuntimeError if the engine does not take work now. Under
+        `_submit_lock`, so a message is either queued before the loop's last look at its inbox or
+        refused: a caller racing `shutdown()` never waits forever."""
+        with self._submit_lock:
+            self._check_alive()
+            self._inbox.put((kind, payload))
 
     def _check_alive(self) -> None:
-        if self._thread is None or self._stopping:
+        if self._failure is not None:
+            raise RuntimeError(f"{self._failure}; see the log, then restart the engine")
+        if self._thread is None or not self._accepting:
             raise RuntimeError("the engine is not running: call initialize() first")
         if not self._thread.is_alive():
             raise RuntimeError("the engine loop has stopped unexpectedly; see the log, then restart the engine")
 
     def _require_initialized(self) -> None:
         if self._thread is None:
-            raise RuntimeError("the engine is not initialized: call initialize() first")
+            raise RuntimeError("the engine is not running (not initialized, or shut down): call initialize() first")
 
     # ---- the loop (engine thread) ------------------------------------------------------------
     def _loop(self) -> None:
+        reason, status = "engine shut down", RequestStatus.FINISHED_ABORTED
+        try:
+            self._serve()
+        except BaseException as exc:  # logged here; the thread ends and every caller is answered below
+            log.exception("the engine loop failed")
+            reason, status = f"the engine loop failed: {exc!r}", RequestStatus.FINISHED_ERROR
+            self._failure = reason
+        finally:
+            self._close_out(reason, status)
+
+    def _close_out(self, reason: str, status: RequestStatus) -> None:
+        """Stop taking work, then end every request the loop holds or has queued with `reason`."""
+        with self._submit_lock:
+            self._accepting = False
+        for rid in list(self._pending):
+            try:
+                self._fail_requests([rid], reason, status=status)
+            except Exception:  # the scheduler itself may be what failed: answer the caller anyway
+                self._deliver_error(self._pending.pop(rid), reason)
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind in ("add", "add_prefilled"):
+                self._deliver_error(payload[0], reason)
+            elif kind == "add_many":
+                for pending in payload[0]:
+                    self._deliver_error(pending, reason)
+            elif kind == "reset_cache":
+                payload["reply"](False)
+
+    def _serve(self) -> None:
         while not self._stopping:
             self._drain_inbox(block=not self.scheduler.has_unfinished())
             if self._stopping or not self.scheduler.has_unfinished():
@@ -350,7 +407,6 @@ class SageLLMEngine:
                         self._step_log.append(StepTiming(BatchShape.from_output(out), result.duration,
                                                          time.monotonic()))
                 self._dispatch(out, finished)
-        self._fail_requests(list(self._pending), "engine shut down", status=RequestStatus.FINISHED_ABORTED)
 
     def _distrust_kv_ops(self, out: Any) -> None:
         """After a failed step, nothing its KV operations wrote is trusted: the device blocks they
@@ -377,8 +433,9 @@ class SageLLMEngine:
         kind, payload = item
         if kind == "stop":
             self._stopping = True
-        elif kind == "abort":
-            req = self.scheduler.abort_request(payload, time.monotonic())
+        elif kind == "abort" or (kind == "abort_own" and self._pending.get(payload.request.request_id) is payload):
+            rid = payload if kind == "abort" else payload.request.request_id
+            req = self.scheduler.abort_request(rid, time.monotonic())
             if req is not None:
                 self._finish(req)
         elif kind == "add":
@@ -444,7 +501,7 @@ class SageLLMEngine:
                 delta = StreamDelta(s.request_id, state.pending_text, tuple(state.pending_tokens))
                 state.pending_text, state.pending_tokens = "", []
                 if not _notify(p.on_delta, delta):
-                    self.abort(s.request_id)  # the consumer is gone
+                    self._abort_own(p)  # the consumer is gone
         with self._lock:
             self._stats["steps"] += 1
             self._stats["output_tokens"] += n_new
@@ -530,10 +587,12 @@ class TokenStream:
         self.prompt_ids = prompt_ids
         self.output: GenerateOutput | None = None
         self.finished = False
+        self._pending: _Pending | None = None
 
     def __iter__(self) -> Iterator[StreamDelta]:
         q: queue.Queue = queue.Queue()
-        self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None, q.put))
+        self._pending = _Pending(self.request, self.prompt_ids, lambda _o: None, q.put)
+        self.engine._submit(self._pending)
         try:
             while not self.finished:
                 yield self._receive(q.get())
@@ -543,8 +602,9 @@ class TokenStream:
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.engine._submit(_Pending(self.request, self.prompt_ids, lambda _o: None,
-                                     lambda d: loop.call_soon_threadsafe(q.put_nowait, d)))
+        self._pending = _Pending(self.request, self.prompt_ids, lambda _o: None,
+                                 lambda d: loop.call_soon_threadsafe(q.put_nowait, d))
+        self.engine._submit(self._pending)
         try:
             while not self.finished:
                 yield self._receive(await q.get())
@@ -559,5 +619,5 @@ class TokenStream:
 
     def _abort_if_unfinished(self) -> None:
         """A consumer that leaves the loop early ends its request."""
-        if not self.finished:
-            self.engine.abort(self.request.request_id)
+        if not self.finished and self._pending is not None:
+            self.engine._abort_own(self._pending)

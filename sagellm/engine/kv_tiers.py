@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sagellm.core.kv.tiers import KVOp, op_groups
+from sagellm.errors import ConfigError, show
 from sagellm.models.attention import PagedKVCache
 
 
@@ -41,12 +42,16 @@ class FileKVStore:
 
     def __init__(self, directory: str | None, num_slots: int, block_nbytes: int) -> None:
         self._owns_dir = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="sagellm-nvme-"))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / f"kv-{os.getpid()}-{id(self):x}.bin"
+        try:
+            self.directory = Path(directory or tempfile.mkdtemp(prefix="sagellm-nvme-"))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.path = self.directory / f"kv-{os.getpid()}-{id(self):x}.bin"
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"kv_cache.nvme_path: cannot create the NVMe tier's file under {show(directory)}: "
+                              f"{exc.strerror or exc}") from None
         self.block_nbytes = block_nbytes
         self.num_slots = num_slots
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.checksums: dict[int, int] = {}
 
     def write(self, slot: int, data: bytes) -> None:

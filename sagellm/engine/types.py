@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import uuid
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
+from sagellm.errors import RequestError, show
 from sagellm.graph.batch import BatchShape
 from sagellm.metrics.records import RequestRecord
 
@@ -53,43 +55,91 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})")
-        if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
-            raise ValueError("prompt: must be a non-empty string")
+            raise RequestError(f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})")
+        if self.prompt is not None:
+            _check_text(self.prompt, "prompt")
         if self.prompt_token_ids is not None:
-            object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+            object.__setattr__(self, "prompt_token_ids", _token_ids(self.prompt_token_ids, "prompt_token_ids"))
             if not self.prompt_token_ids:
-                raise ValueError("prompt_token_ids: must not be empty")
-            if not all(isinstance(t, int) and t >= 0 for t in self.prompt_token_ids):
-                raise ValueError("prompt_token_ids: must be non-negative integers")
+                raise RequestError("prompt_token_ids: must not be empty")
         if self.messages is not None:
-            if isinstance(self.messages, (str, dict)):
-                raise ValueError("messages: must be a list of {'role': str, 'content': str} dicts")
-            object.__setattr__(self, "messages", tuple(self.messages))
-            if not self.messages:
-                raise ValueError("messages: must not be empty")
-            for i, m in enumerate(self.messages):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                    m.get("content"), str
-                ):
-                    raise ValueError(
-                        f"messages[{i}]: must be a dict with string 'role' and 'content', got {m!r}"
-                    )
-        if not isinstance(self.request_id, str) or not self.request_id:
-            raise ValueError("request_id: must be a non-empty string")
+            object.__setattr__(self, "messages", _messages(self.messages))
+        _check_text(self.request_id, "request_id")
+        if not isinstance(self.tenant, str):
+            raise RequestError(f"tenant: must be a string, got {show(self.tenant)}")
+        _check_text(self.tenant, "tenant", allow_empty=True)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise RequestError(f"stop: must be a string or a list of strings, got {show(self.stop)}")
+        for s in stop:
+            _check_text(s, "stop")
+        object.__setattr__(self, "stop", tuple(stop))
+        stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
+        object.__setattr__(self, "stop_token_ids", _token_ids(stop_ids, "stop_token_ids"))
+        for name in ("max_new_tokens", "top_k", "seed"):
+            if isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name}: must be an integer, got {getattr(self, name)}")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos: must be true or false, got {show(self.ignore_eos)}")
         self.sampling_params()
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,),
-            stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
-        )
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+            )
+        except ValueError as exc:  # SamplingParams names the field: "<field> must be ..."
+            field_name, _, rest = str(exc).partition(" ")
+            raise RequestError(f"{field_name}: {rest}") from None
+
+
+# A request's text fields are bounded only by the context window; ids beyond this are refused
+# before a tuple of them is built.
+MAX_TOKEN_IDS = 1 << 22
+
+
+def _check_text(value: object, name: str, allow_empty: bool = False) -> None:
+    """RequestError naming `name` unless `value` is a (non-empty) string that is valid Unicode text."""
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise RequestError(f"{name}: must be a non-empty string, got {show(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name}: not valid Unicode text ({exc.reason} at character {exc.start})") from None
+
+
+def _token_ids(value: object, name: str) -> tuple[int, ...]:
+    """`value` as a tuple of non-negative int token ids (bools are not ids); RequestError naming `name`."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise RequestError(f"{name}: must be a list of non-negative integers, got {show(value)}")
+    ids = tuple(itertools.islice(value, MAX_TOKEN_IDS + 1))
+    if len(ids) > MAX_TOKEN_IDS:
+        raise RequestError(f"{name}: more than {MAX_TOKEN_IDS} ids")
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise RequestError(f"{name}: must be non-negative integers, got {show(t)}")
+    return ids
+
+
+def _messages(value: object) -> tuple[dict, ...]:
+    """Chat turns as a tuple of {'role': str, 'content': str} dicts; RequestError naming the turn."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise RequestError("messages: must be a list of {'role': str, 'content': str} dicts")
+    if not value:
+        raise RequestError("messages: must not be empty")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RequestError(f"messages[{i}]: must be a dict with string 'role' and 'content', got {show(m)}")
+        _check_text(m["role"], f"messages[{i}].role")
+        _check_text(m["content"], f"messages[{i}].content", allow_empty=True)
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -174,9 +224,9 @@ def coerce_request(request: GenerateRequest | str, kwargs: dict[str, Any]) -> Ge
     if isinstance(request, str):
         return GenerateRequest(prompt=request, **kwargs)
     if kwargs:
-        raise ValueError("keyword sampling options apply only to a plain-text prompt")
+        raise RequestError("keyword sampling options apply only to a plain-text prompt")
     if not isinstance(request, GenerateRequest):
-        raise ValueError(f"request must be a GenerateRequest or a prompt string, got {type(request).__name__}")
+        raise RequestError(f"request: must be a GenerateRequest or a prompt string, got {type(request).__name__}")
     return request
 
 

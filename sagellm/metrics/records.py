@@ -129,6 +129,15 @@ class MetricsCollector:
     def num_records(self) -> int:
         return len(self._records) + len(self._pending)
 
+    def add_rejected(self, request_id: str, replica: int, arrival_time: float, num_prompt_tokens: int,
+                     now: float) -> None:
+        """Record a request refused on arrival (finish reason "error", no tokens) without building
+        it: a prompt too long for the context window is refused before its token ids are made."""
+        if self._pending:
+            self._flush()
+        self._records.append(RequestRecord(request_id, replica, arrival_time, None, None, now, num_prompt_tokens,
+                                           0, 0, "error", None, None, None, now - arrival_time, None))
+
     def add(self, req: Request, replica: int = 0) -> None:
         self._pending.append((req, replica))
         self._pending_times.extend(req.token_times)

@@ -77,7 +77,7 @@ MIN_KIND_STEPS = 20
 # Decode steps are told apart further by their number of rows (inclusive bands; None: no upper
 # bound). The grid's time of a decode step is not off from serving by the same amount at every row
 # count: on the AMD EPYC, decode steps of 4-5 rows ran 8-10% faster relative to the grid than
-# steps of 1-3 or 6-8 rows while serving, in every load-sweep run of session 13.
+# steps of 1-3 or 6-8 rows while serving, in every run of the 2026-12-07 06:24 UTC load sweep (two threads).
 DECODE_BANDS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 2), (3, 3), (4, 5), (6, 8), (9, 16), (17, None))
 
 

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sagellm.config import load_yaml_mapping
+from sagellm.errors import InputError, show
 
 SPEC_DIR = Path(__file__).parent / "specs"
 TIERS = ("hbm", "ddr", "nvme")
 _TOP_KEYS = {"name", "display_name", "vendor", "kind", "peak_flops", "memory", "links", "efficiency", "step_overhead"}
 
 
-class HardwareError(ValueError):
+class HardwareError(InputError):
     """A hardware name or spec file is wrong; the message names the field."""
 
 
@@ -73,7 +74,7 @@ class HardwareSpec:
             raise HardwareError(f"{source}: a hardware spec must be a mapping")
         unknown = set(d) - _TOP_KEYS
         if unknown:
-            raise HardwareError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+            raise HardwareError(f"{source}: unknown key(s) {show(list(unknown))}; allowed: {sorted(_TOP_KEYS)}")
         peaks = _mapping(d, "peak_flops", source)
         memory = _mapping(d, "memory", source)
         links = {k: Link(_positive(v, "bandwidth", f"{source}: links.{k}"), _non_negative(v, "latency",
@@ -112,7 +113,7 @@ def _number(d: dict, key: str, source: str) -> float:
         except ValueError:
             pass
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise HardwareError(f"{source}: {key} must be a number, got {v!r}")
+        raise HardwareError(f"{source}: {key} must be a number, got {show(v)}")
     return float(v)
 
 
@@ -140,6 +141,6 @@ def load_spec(name_or_path: str | Path) -> HardwareSpec:
     if path.suffix not in (".yaml", ".yml"):
         path = SPEC_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise HardwareError(f"hardware: unknown hardware {str(name_or_path)!r}; known: {available_specs()} "
+            raise HardwareError(f"hardware: unknown hardware {show(str(name_or_path))}; known: {available_specs()} "
                                 "(or a path to a spec .yaml, or a calibrated profile)")
     return HardwareSpec.from_dict(load_yaml_mapping(path, "hardware: spec file", HardwareError), str(path))
