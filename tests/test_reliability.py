@@ -380,6 +380,35 @@ def test_callers_racing_shutdown_never_wait_forever() -> None:
     assert set(results) <= {"length", "stop", "abort", "refused"} and "refused" in results, set(results)
 
 
+def test_a_submission_racing_shutdown_is_answered_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worst interleaving, made deterministic: a caller passes the liveness check, then
+    `shutdown()` runs to its end before the caller queues its request. The request must still get
+    an output (or the call a RuntimeError), not wait forever in a queue nobody reads."""
+    eng = start_engine({"model": {"dtype": "float32", "max_model_len": 128},
+                        "kv_cache": {"num_blocks": 32, "block_size": 16}})
+    thread = eng._thread
+    check_alive = eng._check_alive
+
+    def check_then_let_shutdown_finish() -> None:
+        check_alive()
+        threading.Thread(target=eng.shutdown, daemon=True).start()
+        thread.join(timeout=3.0)  # returns at once if shutdown waits for this submission to be queued
+
+    monkeypatch.setattr(eng, "_check_alive", check_then_let_shutdown_finish)
+
+    async def call() -> Any:
+        return await asyncio.wait_for(eng.generate_async("Hi", max_new_tokens=2), 30)
+
+    try:
+        out = run_with_timeout(lambda: asyncio.run(call()), 60)
+        assert out.finish_reason in ("length", "stop", "abort"), out.error
+    except RuntimeError as exc:
+        assert "not running" in str(exc)
+    finally:
+        monkeypatch.undo()
+        eng.shutdown()
+
+
 def test_a_crashed_loop_answers_every_waiting_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     eng = start_engine({"model": {"dtype": "float32", "max_model_len": 128},
                         "kv_cache": {"num_blocks": 32, "block_size": 16}})
