@@ -7,9 +7,12 @@ sequences. Llama-2 has a 4,096-token context, so prompts are capped at 3,072 tok
 azure_conv prompts are longer) and outputs at 1,024 (none are longer).
 
     python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile] [--compare-plain]
+                                   [--policy NAME] [--every-policy]
 
 `--compare-plain` alternates each run with one whose schedulers run the plain per-request loop
 (no deferred steady decodes): same decisions and results, and the ratio of the two speeds.
+`--policy` runs another scheduling policy; `--every-policy` runs each registered policy in turn, with
+the workload split between two tenants (4:1, the smaller one at priority 0), and prints each speed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from simulator.sim import Simulation  # noqa: E402
 TRACE = ROOT / "data" / "traces" / "azure_conv.csv"
 
 
-def config(num_requests: int) -> SimulationConfig:
+def config(num_requests: int, policy: str = "fcfs", tenants: bool = False) -> SimulationConfig:
+    workload_tenants = {"tenants": [{"name": "heavy", "share": 4, "priority": 1},
+                                    {"name": "light", "share": 1, "priority": 0}]} if tenants else {}
     return SimulationConfig.from_dict({
         "name": "sim-speed",
         "model": "llama-2-7b",
@@ -39,7 +44,7 @@ def config(num_requests: int) -> SimulationConfig:
         "sagellm": {
             "model": {"dtype": "float16", "max_model_len": 4096},
             "scheduler": {"max_num_seqs": 512, "max_num_batched_tokens": 512, "chunked_prefill": True,
-                          "max_decode_batch": None},
+                          "max_decode_batch": None, "policy": policy},
         },
         "workload": {
             "num_requests": num_requests,
@@ -49,6 +54,7 @@ def config(num_requests: int) -> SimulationConfig:
             "output_len": {"kind": "empirical", "path": str(TRACE), "column": "num_decode_tokens"},
             "max_prompt_len": 3072,
             "max_output_len": 1024,
+            **workload_tenants,
         },
         "slo": {"ttft_ms": 2000, "tpot_ms": 200},
     })
@@ -59,6 +65,18 @@ def _sum_range_ms() -> float:
     return min(timeit.repeat("sum(range(10**6))", number=5, repeat=5)) / 5 * 1e3
 
 
+def every_policy(num_requests: int) -> None:
+    from sagellm.core.policies import SCHEDULING_POLICIES
+
+    for name in SCHEDULING_POLICIES.names():
+        result = Simulation(config(num_requests, name, tenants=True)).run()
+        s = result.summary
+        print(f"{name:12s} {len(result.records) / result.wall_seconds:7.0f} simulated req per wall-second "
+              f"({result.info['num_steps']} steps in {result.wall_seconds:.1f} s); mean TTFT "
+              f"{s['ttft_mean'] * 1e3:.0f} ms, p90 {s['ttft_p90'] * 1e3:.0f} ms")
+    print(f"machine speed: python -m timeit 'sum(range(10**6))' = {_sum_range_ms():.1f} ms here now")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=100_000)
@@ -66,8 +84,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile one run and print the top functions")
     ap.add_argument("--compare-plain", action="store_true",
                     help="alternate with runs of the plain scheduler loop and print the speed ratio")
+    ap.add_argument("--policy", default="fcfs", help="scheduling policy (a registered name or package.module:Class)")
+    ap.add_argument("--every-policy", action="store_true",
+                    help="one run of each registered policy on a two-tenant split of the workload")
     args = ap.parse_args()
-    cfg = config(args.num_requests)
+    if args.every_policy:
+        every_policy(args.num_requests)
+        return
+    cfg = config(args.num_requests, args.policy)
     if args.profile:
         sim = Simulation(cfg)
         cProfile.runctx("sim.run()", globals(), {"sim": sim}, "/tmp/sim_speed.prof")

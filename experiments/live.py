@@ -82,7 +82,8 @@ class LiveRunner:
         timed = [
             (tr.arrival_time, GenerateRequest(prompt_token_ids=tuple(prompt_token_ids(tr, self.vocab_size, i)),
                                               request_id=tr.request_id, max_new_tokens=tr.output_len,
-                                              temperature=0.0, ignore_eos=True))
+                                              temperature=0.0, ignore_eos=True, tenant=tr.tenant,
+                                              priority=tr.priority))
             for i, tr in enumerate(trace)
         ]
         from sagellm.backends.cpu_time import CpuTimes, steal_fraction

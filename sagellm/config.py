@@ -16,6 +16,7 @@ from typing import Any
 
 from sagellm.core.kv.tiers import KVGranularity, KVPolicy, check_tiering_fields
 from sagellm.core.pd import InferenceMode, ScheduleMode, resolve_modes
+from sagellm.core.policies import PolicyError, make_scheduling_policy
 from sagellm.core.scheduler import SchedulerLimits
 from sagellm.errors import ConfigError, show
 from sagellm.yaml_files import load_yaml_mapping
@@ -152,7 +153,10 @@ class SchedulerConfig:
     `prefill_workers` prefill workers from `decode_workers` decode workers, with the KV handed
     from one to the other. `inference_mode`: "standard", "pd_separate" (= mode strict), or the
     role of one worker, "prefill_only" / "decode_only". `retry_on_worker_failure`: requests of a
-    worker that dies are run again on the others (else they fail with an error)."""
+    worker that dies are run again on the others (else they fail with an error). `policy`: the
+    scheduling policy that orders admission and picks preemption victims, a registered name
+    (`fcfs`, `priority`, `sjf`, `srpt_oracle`, `fair`) or a class of one's own as
+    'package.module:Class', built with the keyword arguments `policy_args` (docs/policies.md)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -165,12 +169,19 @@ class SchedulerConfig:
     prefill_workers: int = 1
     decode_workers: int = 1
     retry_on_worker_failure: bool = False
+    policy: str = "fcfs"
+    policy_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         try:
             resolve_modes(self.mode, self.inference_mode)
         except ValueError as exc:
             raise ConfigError(f"scheduler.{exc}") from None
+        if self.policy_args is not None and not (
+                isinstance(self.policy_args, dict) and all(isinstance(k, str) for k in self.policy_args)):
+            raise ConfigError(f"scheduler.policy_args: expected a mapping of keyword arguments, "
+                              f"got {show(self.policy_args)}")
+        self.make_policy()  # a name that does not resolve, or arguments the class refuses, fail here
         for name in ("max_prefill_batch", "max_decode_batch"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"scheduler.{name}: must be > 0 or null, got {getattr(self, name)}")
@@ -185,6 +196,13 @@ class SchedulerConfig:
             raise ConfigError(
                 f"scheduler.max_num_batched_tokens: must be > 0, got {self.max_num_batched_tokens}"
             )
+
+    def make_policy(self) -> Any:
+        """A new scheduling-policy object (one per scheduler: a policy may keep state)."""
+        try:
+            return make_scheduling_policy(self.policy, self.policy_args, "scheduler.policy")
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def schedule_mode(self) -> ScheduleMode:

@@ -77,7 +77,8 @@ def build_scheduler(shape: ModelShape, sagellm: SageLLMConfig, num_blocks: int,
     policy = sagellm.kv_cache.policy(kv_block_bytes(shape, sagellm))
     kv = KVCacheManager(num_blocks, sagellm.kv_cache.block_size, policy)
     limit = min(max_model_len(shape, sagellm), kv.capacity_tokens)
-    return Scheduler(kv, sagellm.scheduler.limits(limit, role), deferred_decodes=deferred_decodes)
+    return Scheduler(kv, sagellm.scheduler.limits(limit, role), deferred_decodes=deferred_decodes,
+                     policy=sagellm.scheduler.make_policy())
 
 
 def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, base_dir: Path = Path(".")

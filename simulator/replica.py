@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 
 import simpy
 
-from sagellm.core.outputs import SchedulerOutput
+from sagellm.core.loop import ServingStep
+from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.request import Request
 from sagellm.core.scheduler import Scheduler
 from sagellm.metrics import MetricsCollector
@@ -17,7 +18,9 @@ class Replica:
     """Runs `schedule -> execute -> update` in simulated time, like the engine's loop.
 
     Contract: `submit(request)` queues a request now (raises ValueError if the scheduler rejects
-    it); the process sleeps while there is no work and wakes on the next submit. Every step takes
+    it); during a step it waits in an inbox and is added once the step's result is applied, as the
+    engine's loop adds what arrived during a forward pass (a refusal then goes to `on_reject`). The
+    process sleeps while there is no work and wakes on the next submit. Every step takes
     the executor's predicted duration; finished requests go to `collector`, or to the attribute
     `on_finish(request, step_start, step_seconds)` when one is set (a STRICT cluster sets it to
     hand prefilled requests off).
@@ -36,6 +39,10 @@ class Replica:
         self.num_steps = 0
         self.busy_time = 0.0
         self._wakeup: simpy.Event | None = None
+        self._in_step = False
+        self._inbox: list[Request] = []
+        # Called for a request that arrived during a step and that the scheduler then refused.
+        self.on_reject: Callable[[Request, ValueError], None] | None = None
         self.process = env.process(self._run())
 
     @property
@@ -45,15 +52,34 @@ class Replica:
 
     @property
     def num_outstanding(self) -> int:
-        return self.scheduler.num_unfinished
+        return self.scheduler.num_unfinished + len(self._inbox)
+
+    def held_requests(self) -> Iterator[Request]:
+        """Every request this replica holds: in its scheduler, or in its inbox during a step."""
+        yield from self.scheduler.requests.values()
+        yield from self._inbox
 
     def submit(self, request: Request) -> None:
+        if self._in_step:  # as the engine's inbox: added once the step in flight has been applied
+            self._inbox.append(request)
+            return
         self.scheduler.add_request(request)
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
 
+    def _take_inbox(self) -> None:
+        """Add the requests that arrived during the step just applied, in arrival order."""
+        inbox, self._inbox = self._inbox, []
+        for request in inbox:
+            try:
+                self.scheduler.add_request(request)
+            except ValueError as exc:
+                if self.on_reject is None:
+                    raise
+                self.on_reject(request, exc)
+
     def _run(self) -> Generator[simpy.Event, None, None]:
-        env, scheduler, executor, collector = self.env, self.scheduler, self.executor, self.collector
+        env, scheduler, collector = self.env, self.scheduler, self.collector
         kv = scheduler.kv
         while True:
             if not scheduler.requests:
@@ -66,21 +92,29 @@ class Replica:
             now = env.now
             horizon = env.peek()
             while True:
-                out = scheduler.schedule(now)
-                if not out.request_ids:
+                step = ServingStep.start(scheduler, lambda out, now=now: self._execute(out, now), now)
+                if not isinstance(step, ServingStep):
+                    out = step
+                    if out.preempted_ids and scheduler.requests:
+                        continue  # a step that only preempted: schedule again now, as the engine does
                     break
-                if self.on_step is not None:
-                    self.on_step(out)
-                result = executor.execute(out, now)
+                out, result = step.output, step.result
                 end = now + result.duration
-                if end >= horizon:
+                if end >= horizon:  # let the events before the step's end (arrivals) happen meanwhile
+                    self._in_step = True
                     yield env.timeout(end - env.now)
+                    self._in_step = False
                     now = env.now
                 else:
                     now = end
+                finished = step.finish(now).finished
+                if self._inbox:
+                    self._take_inbox()
+                if not out.request_ids:
+                    break  # only KV operations ran
                 self.num_steps += 1
                 self.busy_time += result.duration
-                for req in scheduler.update(out, result, now):
+                for req in finished:
                     if self.on_finish is None:
                         collector.add(req, self.index)
                     else:
@@ -97,3 +131,9 @@ class Replica:
             self._wakeup = env.event()
             yield self._wakeup
             self._wakeup = None
+
+    def _execute(self, out: SchedulerOutput, now: float) -> StepResult:
+        if self.on_step is not None:
+            self.on_step(out)
+        return self.executor.execute(out, now)
+

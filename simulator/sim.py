@@ -103,6 +103,8 @@ class Simulation:
         else:
             self.router = make_router(config.cluster.router, config.cluster.num_replicas)
             self.replicas = [replica(i) for i in range(config.cluster.num_replicas)]
+        for r in self.replicas:
+            r.on_reject = lambda req, exc, index=r.index: self._reject(req, exc, index)
         self.rejected: list[tuple[str, str]] = []
         # Start the workload now so that a bad trace file fails here, not inside the event loop.
         try:
@@ -208,16 +210,20 @@ class Simulation:
                     target = self.router.route([r.num_outstanding for r in replicas])
                     replicas[target].submit(req)
             except ValueError as exc:
-                req.status = RequestStatus.FINISHED_ERROR
-                req.finish_time = env.now
-                self.rejected.append((tr.request_id, str(exc)))
-                self.collector.add(req, target)
+                self._reject(req, exc, target)
+
+    def _reject(self, req: Request, exc: ValueError, replica: int) -> None:
+        """A request the scheduler refused: it ends now with an error, recorded as rejected."""
+        req.status = RequestStatus.FINISHED_ERROR
+        req.finish_time = self.env.now
+        self.rejected.append((req.request_id, str(exc)))
+        self.collector.add(req, replica)
 
     def _check_outstanding(self, num_arrived: int) -> None:
         """ConfigError once the prompts waiting or running in the replicas exceed
         MAX_OUTSTANDING_TOKENS: the offered load is so far beyond what the cluster serves that the
         queue would grow until memory runs out."""
-        tokens = sum(r.num_prompt_tokens for replica in self.replicas for r in replica.scheduler.requests.values())
+        tokens = sum(r.num_prompt_tokens for replica in self.replicas for r in replica.held_requests())
         if tokens > MAX_OUTSTANDING_TOKENS:
             raise ConfigError(
                 f"workload: after {num_arrived} arrivals, {tokens} prompt tokens are queued or running at "
@@ -228,7 +234,8 @@ class Simulation:
         sampling = self._sampling.get(tr.output_len)
         if sampling is None:
             sampling = self._sampling[tr.output_len] = SamplingParams(max_new_tokens=tr.output_len, ignore_eos=True)
-        return Request(tr.request_id, prompt_token_ids(tr, vocab, index), sampling, tr.arrival_time)
+        return Request(tr.request_id, prompt_token_ids(tr, vocab, index), sampling, tr.arrival_time,
+                       tenant=tr.tenant, priority=tr.priority)
 
 
 def _progress_bar(enabled: bool, total: int | None) -> Any:

@@ -5,10 +5,10 @@ Formats (chosen by the file suffix):
 * `.jsonl` -- one JSON object per line. Fields: `request_id` (optional), `arrival_time` in seconds
   (or `timestamp` in milliseconds, as in Mooncake traces), `prompt_len` (or `input_length`),
   `output_len` (or `output_length`), optional `prompt_token_ids`, `block_hash_ids` (or Mooncake's
-  `hash_ids`), `prefix_group`, `prefix_len`. Other fields are ignored.
+  `hash_ids`), `prefix_group`, `prefix_len`, `tenant`, `priority`. Other fields are ignored.
 * `.csv` -- a header line, then one row per request. Columns `arrival_time` (or `arrived_at`),
   `prompt_len` (or `num_prefill_tokens`), `output_len` (or `num_decode_tokens`), optional
-  `request_id`, `prefix_group`, `prefix_len`, and `prompt_token_ids` / `block_hash_ids` as
+  `request_id`, `prefix_group`, `prefix_len`, `tenant`, `priority`, and `prompt_token_ids` / `block_hash_ids` as
   space-separated integers. The Azure traces (microsoft/vidur's processed AzureLLMInferenceTrace2023)
   read as they are.
 
@@ -42,7 +42,9 @@ OUTPUT_COLUMNS = ("output_len", "num_decode_tokens", "output_length")
 HASH_COLUMNS = ("block_hash_ids", "hash_ids")
 _REQUIRED = {"arrival_time": ARRIVAL_COLUMNS, "prompt_len": PROMPT_COLUMNS, "output_len": OUTPUT_COLUMNS}
 _ALIASES = {alias: names[0] for names in (*_REQUIRED.values(), HASH_COLUMNS) for alias in names[1:]}
-_OPTIONAL_CSV_COLUMNS = ("request_id", "prompt_token_ids", "block_hash_ids", "prefix_group", "prefix_len")
+_OPTIONAL_CSV_COLUMNS = ("request_id", "prompt_token_ids", "block_hash_ids", "prefix_group", "prefix_len", "tenant",
+                         "priority")
+MAX_PRIORITY = 2**63
 
 
 class WorkloadError(InputError):
@@ -59,7 +61,8 @@ class TraceRequest:
     (ignore_eos). `prompt_token_ids` is set only when the trace carries real ids (then its length
     is `prompt_len`); `block_hash_ids` holds Mooncake per-block prefix hashes (one per
     `MOONCAKE_HASH_BLOCK_SIZE` tokens). `prefix_group`/`prefix_len`: the request's prompt starts
-    with the `prefix_len`-token system prompt shared by all requests of that group.
+    with the `prefix_len`-token system prompt shared by all requests of that group. `tenant` and
+    `priority` (lower is served first) are what the scheduling policy sees of who sent it.
     """
 
     request_id: str
@@ -70,6 +73,8 @@ class TraceRequest:
     block_hash_ids: tuple[int, ...] | None = None
     prefix_group: int | None = None
     prefix_len: int = 0
+    tenant: str = ""
+    priority: int = 0
 
 
 def parse_int(value: Any, where: str) -> int:
@@ -133,6 +138,8 @@ def check_request(req: TraceRequest, where: str) -> None:
         raise WorkloadError(f"{where}: block_hash_ids: must be non-empty or null")
     if req.prefix_group is not None and req.prefix_group < 0:
         raise WorkloadError(f"{where}: prefix_group: must be >= 0 or null, got {req.prefix_group}")
+    if not -MAX_PRIORITY < req.priority < MAX_PRIORITY:
+        raise WorkloadError(f"{where}: priority: must be in (-2**63, 2**63), got {req.priority}")
     if not 0 <= req.prefix_len <= req.prompt_len:
         raise WorkloadError(f"{where}: prefix_len: must be in [0, prompt_len={req.prompt_len}], got {req.prefix_len}")
 
@@ -156,6 +163,9 @@ def _request_from_fields(fields: Mapping[str, Any], index: int, where: str) -> T
         if fields.get(name) in (None, ""):
             raise WorkloadError(f"{where}: missing field {' or '.join(map(repr, _REQUIRED[name]))}")
     request_id, group, prefix_len = fields.get("request_id"), fields.get("prefix_group"), fields.get("prefix_len")
+    tenant, priority = fields.get("tenant"), fields.get("priority")
+    if tenant is not None and not isinstance(tenant, (str, int)):
+        raise WorkloadError(f"{where}: tenant: must be a string, got {show(tenant)}")
     req = TraceRequest(
         request_id=str(request_id) if request_id not in (None, "") else f"req-{index:06d}",
         arrival_time=parse_float(fields["arrival_time"], f"{where}: arrival_time"),
@@ -165,6 +175,8 @@ def _request_from_fields(fields: Mapping[str, Any], index: int, where: str) -> T
         block_hash_ids=_parse_ids(fields.get("block_hash_ids"), f"{where}: block_hash_ids"),
         prefix_group=None if group in (None, "") else parse_int(group, f"{where}: prefix_group"),
         prefix_len=0 if prefix_len in (None, "") else parse_int(prefix_len, f"{where}: prefix_len"),
+        tenant="" if tenant is None else str(tenant),
+        priority=0 if priority in (None, "") else parse_int(priority, f"{where}: priority"),
     )
     check_request(req, where)
     return req
@@ -337,6 +349,10 @@ def _record(req: TraceRequest) -> dict[str, Any]:
         rec["prefix_group"] = req.prefix_group
     if req.prefix_len:
         rec["prefix_len"] = req.prefix_len
+    if req.tenant:
+        rec["tenant"] = req.tenant
+    if req.priority:
+        rec["priority"] = req.priority
     return rec
 
 

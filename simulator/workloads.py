@@ -38,7 +38,7 @@ from simulator.trace_io import (
 )
 
 __all__ = [
-    "ArrivalSpec", "ConversationSpec", "LengthSpec", "SharedPrefixSpec", "TraceRequest", "WorkloadError",
+    "ArrivalSpec", "ConversationSpec", "LengthSpec", "SharedPrefixSpec", "TenantSpec", "TraceRequest", "WorkloadError",
     "WorkloadSpec", "generate",
     "prompt_token_ids", "read_trace", "summarize", "write_trace",
 ]
@@ -114,6 +114,21 @@ class ConversationSpec:
     think_time_s: float
 
 
+@dataclass(frozen=True)
+class TenantSpec:
+    """A class of requests: a `share` of the requests (relative to the other tenants' shares) come
+    from tenant `name` with scheduling `priority` (lower is served first), their lengths drawn from
+    the tenant's own `prompt_len` / `output_len` when given, else from the workload's."""
+
+    name: str
+    share: float
+    priority: int = 0
+    prompt_len: LengthSpec | None = None
+    output_len: LengthSpec | None = None
+
+
+MAX_TENANTS = 1000
+
 _ARRIVAL_KEYS = {"poisson": ("rate",), "gamma": ("rate", "cv"), "constant": ("rate",), "replay": ("path", "time_scale")}
 _LENGTH_KEYS = {
     "fixed": ("value",), "uniform": ("low", "high"), "lognormal": ("median", "sigma", "min", "max"),
@@ -121,7 +136,7 @@ _LENGTH_KEYS = {
 }
 _WORKLOAD_KEYS = (
     "num_requests", "duration", "seed", "arrival", "prompt_len", "output_len", "shared_prefix",
-    "max_prompt_len", "max_output_len", "conversation",
+    "max_prompt_len", "max_output_len", "conversation", "tenants",
 )
 
 
@@ -212,6 +227,26 @@ def parse_conversation(d: Any, where: str) -> ConversationSpec:
                             think_time_s=_num(d, "think_time_s", where, gt=0))
 
 
+def parse_tenants(d: Any, where: str) -> tuple[TenantSpec, ...]:
+    """The tenant classes from their list; WorkloadError naming the entry and field if invalid."""
+    if not isinstance(d, list) or not 1 <= len(d) <= MAX_TENANTS:
+        raise WorkloadError(f"{where}: must be a list of 1 to {MAX_TENANTS} tenants "
+                            f"({{name, share, priority, prompt_len, output_len}}), got {show(d)}")
+    tenants = []
+    for i, entry in enumerate(d):
+        at = f"{where}[{i}]"
+        entry = _mapping(entry, at, ("name", "share", "priority", "prompt_len", "output_len"))
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or name in {t.name for t in tenants}:
+            raise WorkloadError(f"{at}.name: must be a non-empty string, unique among the tenants, got {show(name)}")
+        lengths = {k: None if entry.get(k) is None else parse_length(entry[k], f"{at}.{k}")
+                   for k in ("prompt_len", "output_len")}
+        tenants.append(TenantSpec(name, _num(entry, "share", at, gt=0, le=1e12),
+                                  _num(entry, "priority", at, integer=True, default=0, gt=-MAX_SEED, lt=MAX_SEED),
+                                  **lengths))
+    return tuple(tenants)
+
+
 def parse_shared_prefix(d: Any, where: str) -> SharedPrefixSpec:
     """A SharedPrefixSpec from its dict; WorkloadError naming the field if invalid."""
     d = _mapping(d, where, ("num_groups", "length", "fraction"))
@@ -237,6 +272,7 @@ class WorkloadSpec:
     max_prompt_len: int | None = None
     max_output_len: int | None = None
     conversation: ConversationSpec | None = None
+    tenants: tuple[TenantSpec, ...] = ()
     name: str = field(default="workload", compare=False)
 
     @classmethod
@@ -270,6 +306,9 @@ class WorkloadSpec:
                 raise WorkloadError(f"{field}.conversation: cannot be combined with shared_prefix or a replayed trace")
             if num_requests is None:
                 raise WorkloadError(f"{field}.num_requests: required with conversation")
+        tenants = () if d.get("tenants") is None else parse_tenants(d["tenants"], f"{field}.tenants")
+        if tenants and conversation is not None:
+            raise WorkloadError(f"{field}.tenants: cannot be combined with conversation")
         if prefix is not None and max_prompt is not None and max_prompt <= prefix.length:
             raise WorkloadError(
                 f"{field}.shared_prefix.length: must be < max_prompt_len={max_prompt}, got {prefix.length}"
@@ -278,7 +317,7 @@ class WorkloadSpec:
                    duration=duration, seed=_num(d, "seed", field, integer=True, default=0, gt=-MAX_SEED, lt=MAX_SEED),
                    shared_prefix=prefix, max_prompt_len=max_prompt,
                    max_output_len=_num(d, "max_output_len", field, integer=True, default=None, ge=1, le=MAX_LENGTH),
-                   conversation=conversation, name=field)
+                   conversation=conversation, tenants=tenants, name=field)
 
 
 # --- generation ---------------------------------------------------------------------------------------------------
@@ -348,10 +387,12 @@ def _from_row(row: TraceRequest, req: TraceRequest) -> TraceRequest:
     they still describe the prompt: ids only if the prompt length is unchanged and no new group was set."""
     same = req.prompt_len == row.prompt_len and req.prefix_group is None
     keep_prefix = req.prefix_group is None and row.prefix_len < req.prompt_len
+    drawn = bool(req.tenant)  # the spec's tenant classes override the row's
     return TraceRequest(
         row.request_id, req.arrival_time, req.prompt_len, req.output_len,
         row.prompt_token_ids if same else None, row.block_hash_ids if same else None,
         row.prefix_group if keep_prefix else req.prefix_group, row.prefix_len if keep_prefix else req.prefix_len,
+        req.tenant if drawn else row.tenant, req.priority if drawn else row.priority,
     )
 
 
@@ -368,7 +409,8 @@ def generate(spec: WorkloadSpec, base_dir: str | Path = ".") -> Iterator[TraceRe
     prefix = _prefix_sampler(spec.shared_prefix, streams["prefix"])
     if spec.conversation is not None:
         return _conversations(spec, arrivals, prompt, output, base)
-    return _requests(spec, itertools.islice(arrivals, spec.num_requests), prompt, output, prefix, rows)
+    tenant = _tenant_sampler(spec, base, rows)
+    return _requests(spec, itertools.islice(arrivals, spec.num_requests), prompt, output, prefix, rows, tenant)
 
 
 CONVERSATION_HASH_STRIDE = 1 << 20  # hash ids of conversation c: c * stride + block index
@@ -400,23 +442,54 @@ def _conversations(spec: WorkloadSpec, starts: Iterator[float], prompt: Callable
     return iter(out)
 
 
+@dataclass(frozen=True)
+class _TenantDraw:
+    """A tenant drawn for one request, with its own length samplers (None: the workload's)."""
+
+    name: str
+    priority: int
+    prompt: Callable[[int], int] | None
+    output: Callable[[int], int] | None
+
+
+def _tenant_sampler(spec: WorkloadSpec, base: Path, rows: list[TraceRequest] | None
+                    ) -> Callable[[int], _TenantDraw] | None:
+    """A function from request index to its tenant (drawn by share from its own random stream), or
+    None without tenant classes (a replayed row then keeps its own tenant and priority)."""
+    if not spec.tenants:
+        return None
+    draws = []
+    for i, t in enumerate(spec.tenants):
+        samplers = [None if length is None else _length_sampler(
+            length, random.Random(f"{spec.seed}-{kind}-{t.name}"), base, f"{spec.name}.tenants[{i}].{kind}", rows)
+            for kind, length in (("prompt_len", t.prompt_len), ("output_len", t.output_len))]
+        draws.append(_TenantDraw(t.name, t.priority, *samplers))
+    rng = random.Random(f"{spec.seed}-tenant")
+    weights = list(itertools.accumulate(t.share for t in spec.tenants))
+    return lambda i: rng.choices(draws, cum_weights=weights)[0]
+
+
 def _requests(spec: WorkloadSpec, arrivals: Iterator[float], prompt: Callable[[int], int],
               output: Callable[[int], int], prefix: Callable[[], tuple[int | None, int]],
-              rows: list[TraceRequest] | None) -> Iterator[TraceRequest]:
+              rows: list[TraceRequest] | None, tenant: Callable[[int], _TenantDraw] | None = None,
+              ) -> Iterator[TraceRequest]:
     duration = math.inf if spec.duration is None else spec.duration
     max_prompt, max_output = spec.max_prompt_len or math.inf, spec.max_output_len or math.inf
     for i, t in enumerate(arrivals):
         if t >= duration:
             return
         group, plen = prefix()
-        p, o = prompt(i), output(i)
+        who = None if tenant is None else tenant(i)
+        p = prompt(i) if who is None or who.prompt is None else who.prompt(i)
+        o = output(i) if who is None or who.output is None else who.output(i)
         if group is not None and p <= plen:
             p = plen + 1
         if p > max_prompt:
             p = max_prompt
         if o > max_output:
             o = max_output
-        req = TraceRequest(f"req-{i:06d}", t, p, o, None, None, group, plen)
+        req = TraceRequest(f"req-{i:06d}", t, p, o, None, None, group, plen,
+                           *(("", 0) if who is None else (who.name, who.priority)))
         yield req if rows is None else _from_row(rows[i], req)
 
 

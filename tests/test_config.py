@@ -30,7 +30,8 @@ CUSTOM = {
     "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 64, "chunked_prefill": False,
                   "max_prefill_batch": 4, "max_decode_batch": None, "mode": "time_share",
                   "inference_mode": "standard", "time_share_decode_steps": 3, "prefill_workers": 2,
-                  "decode_workers": 3, "retry_on_worker_failure": True},
+                  "decode_workers": 3, "retry_on_worker_failure": True, "policy": "sjf",
+                  "policy_args": {"max_wait_s": 12.5}},
     "backend": {"device": "cpu", "num_threads": 2, "seed": 7, "kernels": False},
     "benchmark": {"warmup_runs": 0, "repeats": 5, "min_output_tokens_per_s": 10.0,
                   "max_mean_ttft_ms": 500.0, "max_mean_tpot_ms": None},
@@ -83,7 +84,8 @@ def test_custom_values_are_kept() -> None:
         cold_timeout_s=None, hot_access_threshold=3, max_promotions_per_step=2)
     policy = cfg.kv_cache.policy(block_bytes=2**20)
     assert (policy.ddr_blocks, policy.nvme_blocks, policy.swaps) == (40, 256, True)
-    assert cfg.scheduler == SchedulerConfig(8, 64, False, 4, None, "time_share", "standard", 3, 2, 3, True)
+    assert cfg.scheduler == SchedulerConfig(8, 64, False, 4, None, "time_share", "standard", 3, 2, 3, True,
+                                            "sjf", {"max_wait_s": 12.5})
 
 
 def test_partial_dict_fills_in_defaults() -> None:

@@ -6,11 +6,11 @@ import filecmp
 import json
 
 import pytest
+from engine_loop import FixedFakeExecutor, engine_loop_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sagellm.config import ConfigError, SageLLMConfig
-from sagellm.core.outputs import StepResult
 from sagellm.core.request import Request
 from sagellm.core.sampling import SamplingParams
 from sagellm.graph import BatchShape
@@ -21,7 +21,7 @@ from simulator.build import build_scheduler
 from simulator.config import SimulationConfig
 from simulator.cost.base import ConstantCostModel
 from simulator.sim import Simulation
-from simulator.workloads import generate, prompt_token_ids
+from simulator.workloads import generate
 
 POLICY = {"scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 64}, "kv_cache": {"num_blocks": 40}}
 WORKLOAD = {
@@ -37,38 +37,6 @@ def _config(**overrides) -> SimulationConfig:
     d = {"name": "t", "model": "smollm2-135m", "hardware": "a100-80gb-sxm", "sagellm": POLICY, "workload": WORKLOAD}
     d.update(overrides)
     return SimulationConfig.from_dict(d)
-
-
-class FixedFakeExecutor:
-    """The engine's executor replaced by a fake: every step takes `seconds` and samples token 0."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def execute(self, out):
-        return StepResult(out.step_id, {rid: 0 for rid, s in zip(out.request_ids, out.samples) if s}, (), self.seconds)
-
-
-def engine_loop_outputs(config: SimulationConfig, executor: FixedFakeExecutor):
-    """The engine's loop (schedule -> execute -> update) on a clock that the fake executor advances."""
-    shape = Simulation(config, cost_model=ConstantCostModel(1.0)).shape
-    sched = build_scheduler(shape, config.sagellm, config.sagellm.kv_cache.num_blocks)
-    trace = list(generate(config.workload))
-    now, i, outputs, finished = 0.0, 0, [], []
-    while i < len(trace) or sched.has_unfinished():
-        if not sched.has_unfinished() and trace[i].arrival_time > now:
-            now = trace[i].arrival_time  # idle: the loop blocks until the next request arrives
-        while i < len(trace) and trace[i].arrival_time <= now:
-            tr = trace[i]
-            sp = SamplingParams(max_new_tokens=tr.output_len, ignore_eos=True)
-            sched.add_request(Request(tr.request_id, prompt_token_ids(tr, shape.vocab_size, i), sp, tr.arrival_time))
-            i += 1
-        out = sched.schedule(now)
-        outputs.append(out)
-        res = executor.execute(out)
-        now += res.duration
-        finished += sched.update(out, res, now)
-    return outputs, sorted((RequestRecord.from_request(r) for r in finished), key=lambda r: r.request_id)
 
 
 def test_parity_engine_loop_and_simulator_make_identical_decisions():

@@ -49,6 +49,8 @@ class Request:
     arrival_time: float
     eos_token_ids: tuple[int, ...] = ()
     tenant: str = ""
+    # Lower is served first by the priority policy (vLLM's convention); any int.
+    priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

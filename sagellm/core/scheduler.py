@@ -28,6 +28,8 @@ from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.kv.tiers import RECEIVE, KVOp
 from sagellm.core.outputs import SchedulerOutput, StepResult, batch_totals, decode_totals
 from sagellm.core.pd import InferenceMode
+from sagellm.core.policies.registry import PolicyError
+from sagellm.core.policies.scheduling import make_scheduling_policy
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.steady import SteadyDecodes, by_admission
 
@@ -85,9 +87,14 @@ class Scheduler:
     effect in the HYBRID mode of a standard worker without prefix caching, and is off otherwise.
     """
 
-    def __init__(self, kv: KVCacheManager, limits: SchedulerLimits, deferred_decodes: bool = False) -> None:
+    def __init__(self, kv: KVCacheManager, limits: SchedulerLimits, deferred_decodes: bool = False,
+                 policy: object = None) -> None:
         self.kv = kv
         self.limits = limits
+        # The scheduling policy decides the order of admission and the preemption victim.
+        self.policy = make_scheduling_policy("fcfs") if policy is None else policy
+        self._fcfs = bool(getattr(self.policy, "keeps_arrival_order", False))
+        self._hooks = bool(getattr(self.policy, "tracks_service", False))
         # A request alone must always fit in the pool, so the oldest request can always progress.
         self.max_model_len = min(limits.max_model_len, kv.capacity_tokens)
         self.waiting: deque[Request] = deque()
@@ -109,7 +116,7 @@ class Scheduler:
         self._admissions = 0
         self.steady: SteadyDecodes | None = None
         if (deferred_decodes and limits.role is InferenceMode.STANDARD and not limits.time_share
-                and not kv.caching):
+                and not kv.caching and self._fcfs and not self._hooks):
             self.steady = SteadyDecodes()
         # Deferred mode: running requests outside `steady`, in admission order, and what the last
         # `schedule` left for `update` (its output and the rows of requests outside `steady`).
@@ -140,6 +147,8 @@ class Scheduler:
             request.hash_root = root_hash(request.tenant, self.kv.policy.tenant_isolation)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if self._hooks:
+            self.policy.on_arrival(request, request.arrival_time)
 
     def abort_request(self, request_id: str, now: float) -> Request | None:
         """Remove a request wherever it is; returns it (status FINISHED_ABORTED) or None if unknown."""
@@ -168,8 +177,12 @@ class Scheduler:
         if self.limits.time_share:
             prefill_phase = self._time_share_phase()
         head, rows, preempted, receives = self._rows(now, prefill_phase)
-        if not rows and prefill_phase is not None and not preempted:
-            head, rows, preempted, receives = self._rows(now, not prefill_phase)  # nothing fits: the other phase
+        if not rows and prefill_phase is not None:
+            # Nothing fits in this phase (a request may have given up its own blocks): the other
+            # phase, so that the step makes progress.
+            earlier = preempted
+            head, rows, preempted, receives = self._rows(now, not prefill_phase)
+            preempted = earlier + preempted
             prefill_phase = not prefill_phase
         if prefill_phase is not None and rows:
             self._decode_steps_since_prefill = 0 if prefill_phase else self._decode_steps_since_prefill + 1
@@ -307,7 +320,21 @@ class Scheduler:
             if end > slots[rid]:
                 new_blocks = self._allocate(rid, end)
                 while new_blocks is None:
-                    victim = running.pop()
+                    if self._fcfs:
+                        victim = running.pop()
+                    else:
+                        victim, j = self._take_victim(now)
+                        if j < i:  # scheduled earlier in this step: take its row back
+                            i -= 1
+                            undone = self._undo_row(rows, victim)
+                            if undone is not None:
+                                budget += undone[0]
+                                if undone[1]:
+                                    n_decode -= 1
+                                    skip_decodes = prefill_phase is True or n_decode >= max_decode
+                                else:
+                                    n_prefill -= 1
+                                    skip_prefills = prefill_phase is False or n_prefill >= max_prefill
                     self._preempt(victim, now)
                     preempted.append(victim.request_id)
                     if victim is req:
@@ -329,8 +356,10 @@ class Scheduler:
         # its cached prefix, or its swapped-out blocks, at the front).
         limits = self.limits
         kv = self.kv
-        while self.waiting and budget > 0 and not preempted and len(running) < limits.max_num_seqs:
-            req = self.waiting[0]
+        admissible = self.waiting and budget > 0 and not preempted and len(running) < limits.max_num_seqs
+        for req in (self._fcfs_heads() if self._fcfs else self._policy_order(now)) if admissible else ():
+            if budget <= 0 or len(running) >= limits.max_num_seqs:
+                break
             rid = req.request_id
             total = req.num_tokens
             hits = None
@@ -415,15 +444,63 @@ class Scheduler:
             self._to_others(st.leave_from(n))
         return st.columns(new_blocks), n
 
+    def _fcfs_heads(self):
+        """The head of the waiting queue, again after each admission (FCFS: the admission loop
+        admits the head or stops)."""
+        waiting = self.waiting
+        while waiting:
+            yield waiting[0]
+
+    def _policy_order(self, now: float) -> list[Request]:
+        """The policy's admission order, checked: each request waiting here, at most once."""
+        ordered = self.policy.order(tuple(self.waiting), now)
+        seen: set[str] = set()
+        for req in ordered:
+            rid = getattr(req, "request_id", None)
+            if (self.requests.get(rid) is not req or req.status not in _WAITING_STATES or rid in seen):
+                raise PolicyError(f"scheduler.policy: {_policy_name(self.policy)}.order() returned "
+                                  f"{rid if rid is not None else req!r}, which is not a waiting request of this "
+                                  "scheduler (or is returned twice); order() must return waiting requests only")
+            seen.add(rid)
+        return ordered
+
+    def _take_victim(self, now: float) -> tuple[Request, int]:
+        """The policy's preemption victim, checked to be running, removed from `running`; with its
+        index there before the removal."""
+        running = self.running
+        victim = self.policy.victim(tuple(running), now)
+        for j, req in enumerate(running):
+            if req is victim:
+                del running[j]
+                return victim, j
+        raise PolicyError(f"scheduler.policy: {_policy_name(self.policy)}.victim() returned "
+                          f"{getattr(victim, 'request_id', victim)!r}, which is not a running request of this "
+                          "scheduler; victim() must return one of the running requests")
+
+    @staticmethod
+    def _undo_row(rows: list[tuple], victim: Request) -> tuple[int, bool] | None:
+        """Remove the victim's row from this step's rows: (its token count, whether it was a decode),
+        or None when it had none (it was skipped this step)."""
+        rid = victim.request_id
+        for k in range(len(rows) - 1, -1, -1):
+            if rows[k][0] == rid:
+                _, start, tokens, _, _, _ = rows.pop(k)
+                return len(tokens), len(tokens) == 1 and start >= victim.num_prompt_tokens
+        return None
+
     def _admit(self, req: Request, start: int, now: float) -> None:
-        """Move the head of the waiting queue to running with `start` tokens already in its blocks."""
+        """Move a waiting request to running with `start` tokens already in its blocks."""
         self._admissions += 1
         req.admit_seq = self._admissions
         if self.steady is not None:
             self._others.append(req)
         self._slots[req.request_id] = self.kv.num_slots(req.request_id)
         req.num_computed_tokens = start
-        self.waiting.popleft()
+        waiting = self.waiting
+        if waiting[0] is req:
+            waiting.popleft()
+        else:
+            waiting.remove(req)
         req.status = RequestStatus.RUNNING
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
@@ -482,6 +559,9 @@ class Scheduler:
             computed = req.num_computed_tokens = start + len(toks)
             if caching and computed // bs != start // bs:
                 self.kv.cache_computed(rid, self._hashes(req, computed), computed)
+            if self._hooks:
+                prompt = req.num_prompt_tokens
+                self.policy.on_service(req, max(0, min(computed, prompt) - start), 1 if samples else 0)
             if not samples:
                 continue
             try:
@@ -583,6 +663,8 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         if self.steady is not None and req.status is RequestStatus.RUNNING:
             self._leave_running_sets(req)
+        if self._hooks:
+            self.policy.on_finish(req, now)
         self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
@@ -592,3 +674,8 @@ class Scheduler:
 
 
 _ONE_TOKEN = (0,)  # `update` reads only the length of a finishing member's row
+_WAITING_STATES = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
+def _policy_name(policy: object) -> str:
+    return getattr(policy, "name", "") or type(policy).__name__

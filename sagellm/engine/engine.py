@@ -17,6 +17,7 @@ from sagellm.backends import device_info, resolve_device
 from sagellm.config import SageLLMConfig
 from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.kv.tiers import KVGranularity
+from sagellm.core.loop import ServingStep, StepFailed
 from sagellm.core.pd import ScheduleMode
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
@@ -119,7 +120,8 @@ class SageLLMEngine:
                                                cfg.kv_cache.nvme_path)
         # A request alone must fit in the KV pool; the scheduler applies the same cap.
         self.max_model_len = min(self.max_model_len, self.kv_manager.capacity_tokens)
-        self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len))
+        self.scheduler = Scheduler(self.kv_manager, cfg.scheduler.limits(self.max_model_len),
+                                   policy=cfg.scheduler.make_policy())
         self.executor = LiveExecutor(
             ModelRunner(self.model, self.kv_cache, use_kernels=cfg.backend.kernels), self.tokenizer, cfg.backend.seed,
             self.kv_transfers, layerwise=policy.granularity is KVGranularity.LAYER,
@@ -391,22 +393,25 @@ class SageLLMEngine:
             self._drain_inbox(block=not self.scheduler.has_unfinished())
             if self._stopping or not self.scheduler.has_unfinished():
                 continue
-            out = self.scheduler.schedule(time.monotonic())
             try:
-                result = self.executor.execute(out)
-                finished = self.scheduler.update(out, result, time.monotonic())
-            except Exception as exc:  # a failed step must not kill the loop or hang callers
-                log.exception("step %d failed", out.step_id)
+                step = ServingStep.start(self.scheduler, self.executor.execute, time.monotonic())
+                if not isinstance(step, ServingStep):
+                    continue  # nothing to run (nothing fits now)
+                outcome = step.finish(time.monotonic())
+            except StepFailed as failure:  # a failed step must not kill the loop or hang callers
+                out, exc = failure.output, failure.__cause__
+                log.error("step %d failed", out.step_id, exc_info=exc)
                 self._distrust_kv_ops(out)
                 self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
                 continue
+            out, result = outcome.output, outcome.result
             if not out.is_empty:
                 with self._lock:
                     self._stats["busy_s"] += result.duration
                     if self._step_log is not None:
                         self._step_log.append(StepTiming(BatchShape.from_output(out), result.duration,
                                                          time.monotonic()))
-                self._dispatch(out, finished)
+                self._dispatch(out, list(outcome.finished))
 
     def _distrust_kv_ops(self, out: Any) -> None:
         """After a failed step, nothing its KV operations wrote is trusted: the device blocks they
@@ -459,7 +464,7 @@ class SageLLMEngine:
         r = pending.request
         sampling = r.sampling_params()
         core_req = Request(r.request_id, list(pending.prompt_ids), sampling, arrival,
-                           eos_token_ids=self.eos_token_ids, tenant=r.tenant)
+                           eos_token_ids=self.eos_token_ids, tenant=r.tenant, priority=r.priority)
         if handed is not None:  # prefilled by another worker: continue from its first token
             core_req.output_token_ids.append(handed.first_token)
             core_req.remote_kv_tokens = len(pending.prompt_ids)

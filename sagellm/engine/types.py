@@ -34,8 +34,9 @@ class GenerateRequest:
     """One generation request.
 
     Give exactly one of `prompt` (text), `prompt_token_ids`, or `messages` (chat turns, rendered
-    with the model's chat template). `request_id` defaults to a fresh UUID. Sampling fields are
-    validated on construction (`ValueError` naming the field).
+    with the model's chat template). `request_id` defaults to a fresh UUID. `tenant` and
+    `priority` (lower is served first) are read by the scheduling policy. Every field is validated
+    on construction (`RequestError`, a ValueError, naming the field).
     """
 
     prompt: str | None = None
@@ -51,6 +52,7 @@ class GenerateRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     tenant: str = ""
+    priority: int = 0
 
     def __post_init__(self) -> None:
         given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
@@ -76,6 +78,9 @@ class GenerateRequest:
         object.__setattr__(self, "stop", tuple(stop))
         stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
         object.__setattr__(self, "stop_token_ids", _token_ids(stop_ids, "stop_token_ids"))
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or abs(self.priority) >= 2**63:
+            raise RequestError(f"priority: must be an integer in (-2**63, 2**63), lower served first, "
+                               f"got {show(self.priority)}")
         for name in ("max_new_tokens", "top_k", "seed"):
             if isinstance(getattr(self, name), bool):
                 raise RequestError(f"{name}: must be an integer, got {getattr(self, name)}")
