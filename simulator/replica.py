@@ -111,6 +111,8 @@ class Replica:
                 if self._inbox:
                     self._take_inbox()
                 if not out.request_ids:
+                    if out.preempted_ids and scheduler.requests:
+                        continue  # it only preempted (and moved KV): schedule again now, as the engine does
                     break  # only KV operations ran
                 self.num_steps += 1
                 self.busy_time += result.duration

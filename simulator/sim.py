@@ -216,6 +216,8 @@ class Simulation:
         """A request the scheduler refused: it ends now with an error, recorded as rejected."""
         req.status = RequestStatus.FINISHED_ERROR
         req.finish_time = self.env.now
+        if self.strict is not None and req.request_id in self.strict.coordinator.assigned:
+            self.strict.coordinator.complete(req.request_id)  # its workers' load is released
         self.rejected.append((req.request_id, str(exc)))
         self.collector.add(req, replica)
 

@@ -484,8 +484,9 @@ class Scheduler:
         rid = victim.request_id
         for k in range(len(rows) - 1, -1, -1):
             if rows[k][0] == rid:
-                _, start, tokens, _, _, _ = rows.pop(k)
-                return len(tokens), len(tokens) == 1 and start >= victim.num_prompt_tokens
+                _, start, tokens, _, _, samples = rows.pop(k)
+                # counted as `_rows` counted it: a decode is the request's last token, past its prompt
+                return len(tokens), samples and len(tokens) == 1 and start >= victim.num_prompt_tokens
         return None
 
     def _admit(self, req: Request, start: int, now: float) -> None:

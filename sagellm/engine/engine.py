@@ -395,8 +395,10 @@ class SageLLMEngine:
                 continue
             try:
                 step = ServingStep.start(self.scheduler, self.executor.execute, time.monotonic())
-                if not isinstance(step, ServingStep):
-                    continue  # nothing to run (nothing fits now)
+                if not isinstance(step, ServingStep):  # nothing to run (nothing fits now)
+                    if step.preempted_ids or step.finished_ids:
+                        self.executor.runner.update_tables(step)  # the runner forgets their blocks
+                    continue
                 outcome = step.finish(time.monotonic())
             except StepFailed as failure:  # a failed step must not kill the loop or hang callers
                 out, exc = failure.output, failure.__cause__

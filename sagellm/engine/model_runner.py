@@ -31,7 +31,9 @@ class ModelRunner:
         self.device = model.device
         self.block_tables: dict[str, list[int]] = {}
 
-    def _update_tables(self, out: SchedulerOutput) -> None:
+    def update_tables(self, out: SchedulerOutput) -> None:
+        """Apply an output's block tables: forget finished and preempted requests, set or extend the
+        scheduled ones'. `execute` does it first; an output with nothing to execute needs it alone."""
         for rid in out.finished_ids:
             self.block_tables.pop(rid, None)
         for rid in out.preempted_ids:
@@ -44,7 +46,7 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput, bad_blocks: list[int] | None = None,
                 before_layer: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
-        self._update_tables(out)
+        self.update_tables(out)
         skipped: list[str] = []
         scheduled = out.scheduled
         if bad_blocks:
