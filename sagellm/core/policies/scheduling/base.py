@@ -3,13 +3,14 @@ preempted (standard library only)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
 from sagellm.core.request import Request
 
 
-class SchedulingPolicy:
+class SchedulingPolicy(ABC):
     """Decides the order of admission and the victim of a preemption; the `Scheduler` does the rest
     (budget, chunking, blocks, preemption mechanics, messages).
 
@@ -29,17 +30,18 @@ class SchedulingPolicy:
     keeps_arrival_order: ClassVar[bool] = False
     tracks_service: ClassVar[bool] = False
 
+    @abstractmethod
     def order(self, waiting: Sequence[Request], now: float) -> list[Request]:
-        raise NotImplementedError
+        """The waiting requests to try this step, in the order to try them."""
 
     def victim(self, running: Sequence[Request], now: float) -> Request:
         return running[-1]
 
-    def on_arrival(self, request: Request, now: float) -> None:
+    def on_arrival(self, request: Request, now: float) -> None:  # noqa: B027 (a default: no accounting)
         """`request` has entered the scheduler."""
 
-    def on_service(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
+    def on_service(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:  # noqa: B027
         """One step computed `prompt_tokens` of `request`'s prompt and sampled `output_tokens`."""
 
-    def on_finish(self, request: Request, now: float) -> None:
+    def on_finish(self, request: Request, now: float) -> None:  # noqa: B027
         """`request` has left the scheduler (finished, aborted or failed)."""
