@@ -43,12 +43,12 @@ class LiveRunner:
     """
 
     def __init__(self, config: SageLLMConfig, num_replicas: int = 1, router: str = "least_outstanding",
-                 idle_probe: bool = False) -> None:
+                 idle_probe: bool = False, router_args: dict[str, Any] | None = None) -> None:
         from sagellm.backends.idle_speed_probe import IdleSpeedProbe
         from sagellm.engine import create_engine
 
         self.config = config
-        self.engine = create_engine(config, num_replicas, router).initialize()
+        self.engine = create_engine(config, num_replicas, router, router_args).initialize()
         self.vocab_size = self.engine.vocab_size
         self.last_probe: list = []  # the samples of the latest `probe()`
         self.idle_probe = IdleSpeedProbe().start() if idle_probe else None

@@ -577,11 +577,12 @@ class _LivePool:
         if sim_cfg.model is not None:
             engine_cfg = engine_cfg.replace(model={"model_id": str(_model_path(sim_cfg))})
         cluster = sim_cfg.cluster
-        key = json.dumps([engine_cfg.to_dict(), cluster.num_replicas, cluster.router], sort_keys=True)
+        key = json.dumps([engine_cfg.to_dict(), cluster.num_replicas, cluster.router, cluster.router_args],
+                         sort_keys=True)
         if key != self.key:
             self.close()
             self.runner = LiveRunner(engine_cfg, cluster.num_replicas, cluster.router,
-                                     idle_probe=self.cfg.live.idle_speed_probe)
+                                     idle_probe=self.cfg.live.idle_speed_probe, router_args=cluster.router_args)
             self.runner.warmup(self.cfg.live.warmup_requests)
             self.key = key
         return self.runner

@@ -5,7 +5,7 @@ name: azure-conv-a100
 model: llama-2-7b            # a preset (sagellm.models.presets), a model path, or omitted: sagellm.model.model_id
 hardware: a100-80gb-sxm      # a roofline spec (name or .yaml), a calibrated profile (.json), or "local"
 sagellm: {scheduler: {max_num_seqs: 512, max_num_batched_tokens: 512}, model: {dtype: float16}}
-cluster: {num_replicas: 1, router: round_robin}   # or least_outstanding
+cluster: {num_replicas: 1, router: round_robin}   # any of sagellm.core.policies.ROUTERS, or package.module:Class
 workload: {...}              # simulator.workloads.WorkloadSpec
 slo: {ttft_ms: 2000, tpot_ms: 100}
 memory_utilization: 0.9      # fraction of device memory for weights + KV (roofline hardware)
@@ -27,7 +27,7 @@ from sagellm.config import (
     load_yaml_mapping,
     unknown_key_message,
 )
-from sagellm.core.router import ROUTER_KINDS
+from sagellm.core.policies import PolicyError, make_router
 from sagellm.errors import show
 from sagellm.metrics import SLO
 from simulator.workloads import WorkloadError, WorkloadSpec
@@ -38,16 +38,28 @@ _KEYS = ("name", "model", "hardware", "sagellm", "cluster", "workload", "slo", "
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Replicas behind a router: `router` is one of ROUTER_KINDS."""
+    """Replicas behind a router: `router` is a registered router (`sagellm.core.policies.ROUTERS`)
+    or 'package.module:Class', built with the keyword arguments `router_args`."""
 
     num_replicas: int = 1
     router: str = "round_robin"
+    router_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_replicas <= MAX_WORKERS:
             raise ConfigError(f"cluster.num_replicas: must be in [1, {MAX_WORKERS}], got {self.num_replicas}")
-        if self.router not in ROUTER_KINDS:
-            raise ConfigError(f"cluster.router: {show(self.router)} is not one of {ROUTER_KINDS}")
+        if self.router_args is not None and not (
+                isinstance(self.router_args, dict) and all(isinstance(k, str) for k in self.router_args)):
+            raise ConfigError("cluster.router_args: expected a mapping of keyword arguments, "
+                              f"got {show(self.router_args)}")
+        self.make_router()  # a name that does not resolve, or arguments the class refuses, fail here
+
+    def make_router(self) -> Any:
+        """A new router object (one per cluster: a router may keep state)."""
+        try:
+            return make_router(self.router, self.router_args, "cluster.router")
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import simpy
 
 from sagellm.core.loop import ServingStep
 from sagellm.core.outputs import SchedulerOutput, StepResult
+from sagellm.core.policies.routing import ReplicaState, replica_state
 from sagellm.core.request import Request
 from sagellm.core.scheduler import Scheduler
 from sagellm.metrics import MetricsCollector
@@ -24,7 +25,9 @@ class Replica:
     the executor's predicted duration; finished requests go to `collector`, or to the attribute
     `on_finish(request, step_start, step_seconds)` when one is set (a STRICT cluster sets it to
     hand prefilled requests off).
-    `on_step`, if given, sees every `SchedulerOutput` (used by tests and traces).
+    `on_step`, if given, sees every `SchedulerOutput` (used by tests and traces). When the
+    attribute `on_state(index, ReplicaState)` is set, it gets the replica's state after each step,
+    as a live worker reports it to its cluster's router.
     """
 
     def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, executor: PredictedExecutor,
@@ -43,6 +46,7 @@ class Replica:
         self._inbox: list[Request] = []
         # Called for a request that arrived during a step and that the scheduler then refused.
         self.on_reject: Callable[[Request, ValueError], None] | None = None
+        self.on_state: Callable[[int, ReplicaState], None] | None = None
         self.process = env.process(self._run())
 
     @property
@@ -122,6 +126,8 @@ class Replica:
                     else:
                         self.on_finish(req, now - result.duration, result.duration)
                 collector.sample_kv(now, kv.usage, len(scheduler.running), len(scheduler.waiting))
+                if self.on_state is not None:
+                    self.on_state(self.index, replica_state(scheduler))
                 if not scheduler.requests or now >= horizon:
                     break
             if now > env.now:

@@ -19,8 +19,9 @@ from sagellm.config import ConfigError
 from sagellm.core.kv.tiers import KVGranularity
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.core.pd import InferenceMode, ScheduleMode
+from sagellm.core.policies import ClusterView, PolicyError
+from sagellm.core.policies.routing import route_request
 from sagellm.core.request import Request, RequestStatus
-from sagellm.core.router import make_router
 from sagellm.core.sampling import SamplingParams
 from sagellm.metrics import MetricsCollector, RequestRecord, handoff_summary, summarize
 from simulator.build import build_cost_model, build_scheduler, kv_block_bytes, kv_num_blocks, resolve_shape
@@ -101,8 +102,13 @@ class Simulation:
                 cfg.kv_cache.block_size, self.shape.num_layers if layerwise else 0, self.collector)
             self.replicas = self.strict.replicas
         else:
-            self.router = make_router(config.cluster.router, config.cluster.num_replicas)
+            kv = cfg.kv_cache
+            self.view = ClusterView(config.cluster.make_router(), config.cluster.num_replicas, kv.block_size,
+                                    self.num_blocks, kv.enable_prefix_caching, kv.tenant_isolation)
             self.replicas = [replica(i) for i in range(config.cluster.num_replicas)]
+            if self.view.uses_state:
+                for r in self.replicas:
+                    r.on_state = self.view.report
         for r in self.replicas:
             r.on_reject = lambda req, exc, index=r.index: self._reject(req, exc, index)
         self.rejected: list[tuple[str, str]] = []
@@ -207,10 +213,20 @@ class Simulation:
                 if self.strict is not None:
                     target = self.strict.submit(req)
                 else:
-                    target = self.router.route([r.num_outstanding for r in replicas])
+                    target = self._route(req, tr.output_len)
                     replicas[target].submit(req)
             except ValueError as exc:
                 self._reject(req, exc, target)
+
+    def _route(self, req: Request, max_new_tokens: int) -> int:
+        """The replica the router picks for `req`, as the live cluster's coordinator asks it."""
+        route = route_request(req.request_id, req.prompt_token_ids, max_new_tokens, self.view.block_size,
+                              req.tenant, req.priority)
+        try:
+            return self.view.route(route, req.prompt_token_ids, [r.num_outstanding for r in self.replicas],
+                                   None, self.env.now)
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _reject(self, req: Request, exc: ValueError, replica: int) -> None:
         """A request the scheduler refused: it ends now with an error, recorded as rejected."""

@@ -119,7 +119,7 @@ def test_router_least_outstanding_balances_replicas():
         ({"workload": {**WORKLOAD, "arrival": {"kind": "poisson", "rate": -1.0}}}, "workload.arrival.rate"),
         ({"workload": {**WORKLOAD, "output_len": {"kind": "fixed", "value": 0}}}, "workload.output_len"),
         ({"cluster": {"num_replicas": 0}}, "cluster.num_replicas"),
-        ({"cluster": {"router": "random"}}, "cluster.router"),
+        ({"cluster": {"router": "fastest"}}, "cluster.router"),
         ({"sagellm": {"scheduler": {"max_num_seqz": 3}}}, "sagellm.scheduler.max_num_seqz"),
         ({"model": "no-such-model"}, "model"),
         ({"slo": {"ttft_ms": -5}}, "slo.ttft_ms"),

@@ -40,8 +40,8 @@ class ServingStep:
     engine calls them back to back (`end` is its clock after the forward pass); the simulator waits
     in SimPy time between them, so that arrivals before the step's end happen first.
 
-    Contract: `start` returns None when the output holds neither rows nor KV operations (nothing is
-    executed; `ServingStep.last_output` keeps the output). Errors of the executor or of the update
+    Contract: `start` returns the bare `SchedulerOutput` when it holds neither rows nor KV
+    operations (nothing is executed). Errors of the executor or of the update
     are raised as `StepFailed` chained to the cause; errors of `schedule` itself propagate as they are.
     """
 

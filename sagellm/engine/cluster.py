@@ -20,7 +20,8 @@ from typing import Any
 
 from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core.pd import NoWorkerError, PDCoordinator, ScheduleMode
-from sagellm.core.router import make_router
+from sagellm.core.policies import ClusterView, PolicyError, make_router
+from sagellm.core.policies.routing import RouteRequest, route_request
 from sagellm.engine.cluster_worker import worker_main
 from sagellm.engine.types import (
     GenerateOutput,
@@ -69,11 +70,15 @@ class ClusterEngine:
     `scheduler.retry_on_worker_failure`, runs again on the live workers; the cluster keeps
     serving on the others (a kind of worker with none left fails new requests).
     `get_stats()` merges the workers' stats and adds the measured KV hand-off times (STRICT).
+    Replicas are picked by `router` (a registered name or 'package.module:Class', built with
+    `router_args`) through the same `ClusterView` the simulator routes with; text prompts are
+    placed by their UTF-8 bytes (about 4 per token) as the coordinator does not tokenize.
     `shutdown()` stops the workers and ends unfinished requests with "abort".
     """
 
     def __init__(self, config: SageLLMConfig | None = None, num_replicas: int = 1,
-                 router: str = "least_outstanding", start_timeout_s: float = 900.0) -> None:
+                 router: str = "least_outstanding", start_timeout_s: float = 900.0,
+                 router_args: dict[str, Any] | None = None) -> None:
         self.config = config or SageLLMConfig()
         sched = self.config.scheduler
         self.strict = sched.schedule_mode is ScheduleMode.STRICT
@@ -86,7 +91,11 @@ class ClusterEngine:
         if len(self.roles) > MAX_LIVE_WORKERS:
             raise ConfigError(f"{'scheduler.prefill_workers + decode_workers' if self.strict else 'num_replicas'}: "
                               f"{len(self.roles)} worker processes, more than {MAX_LIVE_WORKERS} (each loads a model)")
-        self.router = None if self.strict else make_router(router, num_replicas)
+        try:
+            self.router = None if self.strict else make_router(router, router_args, "cluster.router")
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+        self.view: ClusterView | None = None  # built once the workers report their KV capacity
         self.coordinator = PDCoordinator(sched.prefill_workers, sched.decode_workers) if self.strict else None
         self.retry = sched.retry_on_worker_failure
         self._n_prefill = self.roles.count("prefill_only")
@@ -115,11 +124,12 @@ class ClusterEngine:
         inboxes = {i: ctx.Queue() for i, role in enumerate(self.roles) if role == "decode_only"}
         outboxes = {i - n_prefill: q for i, q in inboxes.items()}  # decode worker index -> its queue
         config = self.config.to_dict()
+        report_state = bool(getattr(self.router, "uses_replica_state", False))
         for i, role in enumerate(self.roles):
             commands = ctx.Queue()
             proc = ctx.Process(target=worker_main, name=f"sagellm-worker-{i}-{role}", daemon=True,
                                args=(i, role, config, commands, self._events, inboxes.get(i),
-                                     outboxes if role == "prefill_only" else {}, i))
+                                     outboxes if role == "prefill_only" else {}, i, report_state))
             proc.start()
             self.workers.append(_Worker(i, role, proc, commands))
         try:
@@ -129,6 +139,11 @@ class ClusterEngine:
             raise
         self.vocab_size = self.workers[0].info["vocab_size"]
         self.max_model_len = min(w.info["max_model_len"] for w in self.workers)
+        if self.router is not None:
+            kv = self.config.kv_cache
+            self.view = ClusterView(self.router, len(self.workers), kv.block_size,
+                                    min(w.info["num_device_blocks"] for w in self.workers),
+                                    kv.enable_prefix_caching, kv.tenant_isolation)
         self._thread = threading.Thread(target=self._run, name="sagellm-cluster", daemon=True)
         self._thread.start()
         return self
@@ -259,27 +274,25 @@ class ClusterEngine:
                 _deliver(on_done, rejected_output(req, f"request_id {req.request_id!r} is already in flight"))
                 return
             try:
-                worker, decode = self._route(req.request_id)
+                worker, decode = self._route(req)
             except NoWorkerError as exc:
                 _deliver(on_done, rejected_output(req, f"no worker can serve it: {exc}"))
                 return
             self._tracked[req.request_id] = _Tracked(req, on_done, worker, "prefill" if self.strict else "serve")
             self.workers[worker].commands.put(("add", req, decode))
 
-    def _route(self, rid: str) -> tuple[int, int | None]:
+    def _route(self, req: GenerateRequest) -> tuple[int, int | None]:
         if self.strict:
-            p, d = self.coordinator.assign(rid)
+            p, d = self.coordinator.assign(req.request_id)
             return p, d
-        alive = [w.index for w in self.workers if w.alive]
-        if not alive:
+        alive = [w.alive for w in self.workers]
+        if not any(alive):
             raise NoWorkerError("every worker has died")
         counts = [0] * len(self.workers)
         for t in self._tracked.values():
             counts[t.worker] += 1
-        pick = self.router.route(counts)
-        if not self.workers[pick].alive:
-            pick = min(alive, key=counts.__getitem__)
-        return pick, None
+        route, ids = _route_request(req, self.config.kv_cache.block_size)
+        return self.view.route(route, ids, counts, alive, time.monotonic()), None
 
     def _run(self) -> None:
         while not self._stopping:
@@ -316,6 +329,9 @@ class ClusterEngine:
             if out.record is not None:  # the worker that finished it, as the simulator's records name it
                 out = dataclasses.replace(out, record=dataclasses.replace(out.record, replica=index))
             _deliver(t.on_done, out)
+        elif kind == "state":
+            with self._lock:
+                self.view.report(index, event[2])
         elif kind == "handoff":
             self.handoff_seconds.append(event[3])
             self.handoff_bytes.append(event[4])
@@ -370,7 +386,7 @@ class ClusterEngine:
                     return
                 if self.coordinator is not None:
                     self.coordinator.complete(rid)
-                worker, decode = self._route(rid)
+                worker, decode = self._route(t.request)
             except NoWorkerError:
                 pass
             else:
@@ -402,6 +418,18 @@ class ClusterEngine:
                 if k == kind:
                     replies[index] = value
             return [replies[i] for i in sorted(replies)]
+
+
+def _route_request(req: GenerateRequest, block_size: int) -> tuple[RouteRequest, tuple[int, ...]]:
+    """What the router sees of `req`, and the ids its prefix index hashes: the prompt's token ids,
+    or for text and chat prompts (tokenized by the worker) their UTF-8 bytes packed 4 to an id,
+    about one id per token."""
+    ids = req.prompt_token_ids
+    if ids is None:
+        text = req.prompt if req.prompt is not None else repr(req.messages)
+        data = text.encode("utf-8", "surrogatepass")
+        ids = tuple(int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4))
+    return route_request(req.request_id, ids, req.max_new_tokens, block_size, req.tenant, req.priority), ids
 
 
 def _deliver(callback: Callable[[GenerateOutput], None], out: GenerateOutput) -> None:

@@ -5,7 +5,8 @@ Commands in (a queue per worker): ("add", GenerateRequest, decode worker or None
 ("redirect", request id, decode worker), ("stop",). Events out (one queue shared by
 all workers): ("ready", worker, info), ("done", worker, GenerateOutput) - a prefill worker's
 output with finish_reason "prefilled" means the request continues on its decode worker -,
-("handoff", worker, request id, seconds, bytes), ("reply", worker, kind, value), ("fatal", worker, message).
+("handoff", worker, request id, seconds, bytes), ("reply", worker, kind, value), ("fatal", worker, message),
+and ("state", worker, ReplicaState) after each step when the router reads replica state.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ ROLES = ("standard", "prefill_only", "decode_only")
 
 
 def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, events: Any,
-                kv_inbox: Any, kv_outboxes: dict[int, Any], prefill_index: int = 0) -> None:
-    """Process entry point (spawned). Runs until ("stop",) or its parent goes away."""
+                kv_inbox: Any, kv_outboxes: dict[int, Any], prefill_index: int = 0,
+                report_state: bool = False) -> None:
+    """Process entry point (spawned). Runs until ("stop",) or its parent goes away. With
+    `report_state`, posts ("state", worker, ReplicaState) after every step for the router."""
     import torch.multiprocessing  # noqa: F401  (registers the shared-memory tensor reductions)
 
     from sagellm.config import SageLLMConfig
@@ -40,6 +43,8 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
         events.put(("fatal", index, f"worker {index} ({role}) failed to start: {exc!r}\n{traceback.format_exc()}"))
         return
     engine.worker_index = prefill_index
+    if report_state:
+        engine.on_state = lambda state: events.put(("state", index, state))
     receiver = None
     sender = None
     if role == "prefill_only":
@@ -57,7 +62,8 @@ def worker_main(index: int, role: str, config: dict[str, Any], commands: Any, ev
 
         receiver = HandoffReceiver(kv_inbox, engine.shape.num_layers, ready)
     events.put(("ready", index, {"vocab_size": engine.shape.vocab_size, "max_model_len": engine.max_model_len,
-                                 "num_layers": engine.shape.num_layers, "model": engine.shape.name}))
+                                 "num_layers": engine.shape.num_layers, "model": engine.shape.name,
+                                 "num_device_blocks": engine.kv_manager.num_blocks}))
     try:
         _serve(index, engine, sender, commands, events)
     finally:

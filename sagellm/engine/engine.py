@@ -19,6 +19,7 @@ from sagellm.core.kv.manager import KVCacheManager
 from sagellm.core.kv.tiers import KVGranularity
 from sagellm.core.loop import ServingStep, StepFailed
 from sagellm.core.pd import ScheduleMode
+from sagellm.core.policies.routing import ReplicaState, replica_state
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.scheduler import Scheduler
 from sagellm.engine.executor import LiveExecutor
@@ -85,6 +86,8 @@ class SageLLMEngine:
         self._started_at = 0.0
         self._step_log: list[StepTiming] | None = None
         self.worker_index = 0  # this engine's index among the prefill workers of a cluster
+        # Set by a cluster worker whose router reads replica state: called after every step.
+        self.on_state: Callable[[ReplicaState], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> SageLLMEngine:
@@ -414,6 +417,8 @@ class SageLLMEngine:
                         self._step_log.append(StepTiming(BatchShape.from_output(out), result.duration,
                                                          time.monotonic()))
                 self._dispatch(out, list(outcome.finished))
+                if self.on_state is not None:
+                    self.on_state(replica_state(self.scheduler))
 
     def _distrust_kv_ops(self, out: Any) -> None:
         """After a failed step, nothing its KV operations wrote is trusted: the device blocks they
