@@ -67,7 +67,8 @@ class KVCacheConfig:
     (`tenant_isolation`: only within a request's tenant). The lower tiers hold cached blocks
     evicted from the device: DDR (host memory) of `ddr_num_blocks` blocks or `ddr_memory_gb` GiB,
     NVMe (a file under `nvme_path`, a fresh temporary directory when None) of `nvme_num_blocks`
-    or `nvme_memory_gb`; 0 disables a tier. `eviction_policy` ("lru" or "lfu") picks which cached
+    or `nvme_memory_gb`; 0 disables a tier. `eviction_policy` ("lru", "lfu" or 'package.module:Class',
+    built with `eviction_policy_args`) picks which cached
     block leaves a full tier; `cold_timeout_s` moves idle cached blocks down a tier ahead of need
     (null: never); blocks hit `hot_access_threshold` times are hot (kept, and promoted from NVMe
     to free DDR, at most `max_promotions_per_step` per step). `granularity`: "block", "request"
@@ -88,6 +89,7 @@ class KVCacheConfig:
     cold_timeout_s: float | None = 60.0
     hot_access_threshold: int = 2
     max_promotions_per_step: int = 8
+    eviction_policy_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
@@ -105,7 +107,7 @@ class KVCacheConfig:
             raise ConfigError(f"kv_cache.granularity: {show(self.granularity)} is not one of {granularities}")
         try:
             check_tiering_fields(self.eviction_policy, self.cold_timeout_s, self.hot_access_threshold,
-                                 self.max_promotions_per_step)
+                                 self.max_promotions_per_step, self.eviction_policy_args)
         except ValueError as exc:
             raise ConfigError(f"kv_cache.{exc}") from None
 
@@ -135,6 +137,7 @@ class KVCacheConfig:
                 granularity=KVGranularity(self.granularity), ddr_blocks=ddr, nvme_blocks=nvme,
                 eviction_policy=self.eviction_policy, cold_timeout_s=self.cold_timeout_s,
                 hot_access_threshold=self.hot_access_threshold, max_promotions_per_step=self.max_promotions_per_step,
+                eviction_policy_args=self.eviction_policy_args,
             )
         except ValueError as exc:
             raise ConfigError(f"kv_cache: {exc}") from None

@@ -26,7 +26,8 @@ CUSTOM = {
     "kv_cache": {"block_size": 32, "num_blocks": 100, "memory_gb": 0.5, "enable_prefix_caching": True,
                  "tenant_isolation": True, "granularity": "request", "ddr_num_blocks": 40, "ddr_memory_gb": 0.0,
                  "nvme_num_blocks": None, "nvme_memory_gb": 0.25, "nvme_path": "/tmp/kv", "eviction_policy": "lfu",
-                 "cold_timeout_s": None, "hot_access_threshold": 3, "max_promotions_per_step": 2},
+                 "cold_timeout_s": None, "hot_access_threshold": 3, "max_promotions_per_step": 2,
+                 "eviction_policy_args": {}},
     "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 64, "chunked_prefill": False,
                   "max_prefill_batch": 4, "max_decode_batch": None, "mode": "time_share",
                   "inference_mode": "standard", "time_share_decode_steps": 3, "prefill_workers": 2,
@@ -81,7 +82,7 @@ def test_custom_values_are_kept() -> None:
     assert cfg.kv_cache == KVCacheConfig(
         block_size=32, num_blocks=100, memory_gb=0.5, enable_prefix_caching=True, tenant_isolation=True,
         granularity="request", ddr_num_blocks=40, nvme_memory_gb=0.25, nvme_path="/tmp/kv", eviction_policy="lfu",
-        cold_timeout_s=None, hot_access_threshold=3, max_promotions_per_step=2)
+        cold_timeout_s=None, hot_access_threshold=3, max_promotions_per_step=2, eviction_policy_args={})
     policy = cfg.kv_cache.policy(block_bytes=2**20)
     assert (policy.ddr_blocks, policy.nvme_blocks, policy.swaps) == (40, 256, True)
     assert cfg.scheduler == SchedulerConfig(8, 64, False, 4, None, "time_share", "standard", 3, 2, 3, True,

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sagellm.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerLimits, StepResult
+from sagellm.core.policies.eviction import EVICTION_POLICIES
 
 actions = st.lists(
     st.one_of(
@@ -70,7 +71,7 @@ def test_every_block_free_or_owned_once(actions, num_blocks, block_size, budget,
     ddr=st.integers(0, 8),
     nvme=st.integers(0, 8),
     granularity=st.sampled_from(["block", "request"]),
-    eviction=st.sampled_from(["lru", "lfu"]),
+    eviction=st.sampled_from([*EVICTION_POLICIES.names(), "examples.policies.most_recent:MostRecentlyUsed"]),
     prefixes=st.integers(1, 3),
 )
 def test_prefix_caching_and_tiers_never_leak_or_misread(actions, num_blocks, block_size, budget, seqs, ddr, nvme,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 
 from sagellm.core.kv.block_pool import BlockPool
 from sagellm.core.kv.stats import KVStats
 from sagellm.core.kv.tier_pool import TierPool
 from sagellm.core.kv.tiers import DROP, OFFLOAD, PROMOTE, KVOp, KVPolicy, StorageTier
+from sagellm.core.policies.eviction import make_eviction_policy
+from sagellm.core.policies.registry import PolicyError
 
 HBM = StorageTier.HBM.value
 DDR = StorageTier.DDR.value
@@ -18,10 +20,12 @@ class TierPolicy:
     """Moves cached blocks between the device pool and the lower tiers, and queues the copies.
 
     Contract: a block evicted from the device pool (`on_device_evict`, wired to the pool) moves one
-    tier down: DDR, then NVMe, then it is dropped; a full tier first pushes its own victim (LRU or
-    LFU) down. `step_begin(now)` moves blocks idle for the cold timeout down a tier (hot blocks
-    stay) and promotes hot NVMe blocks into free DDR slots. Every move is queued in `ops`, in the
-    order it must run, and counted in `stats`. `access` counts prefix hits per content hash.
+    tier down: DDR, then NVMe, then it is dropped; a full tier first pushes its own victim down.
+    Victims, on the device and in every lower tier, are the eviction policy's choice
+    (`policy.eviction_policy`); an answer that is not a candidate raises `PolicyError`.
+    `step_begin(now)` moves blocks idle for the cold timeout down a tier (hot blocks stay) and
+    promotes hot NVMe blocks into free DDR slots. Every move is queued in `ops`, in the order it
+    must run, and counted in `stats`. `access` counts prefix hits per content hash.
     """
 
     def __init__(self, policy: KVPolicy, pool: BlockPool, block_size: int) -> None:
@@ -35,8 +39,10 @@ class TierPolicy:
         self.access: dict[int, int] = {}
         self.now = 0.0
         pool.on_evict = self.on_device_evict
-        if policy.eviction_policy == "lfu":
-            pool.choose_victim = self.device_lfu_victim
+        self.eviction = make_eviction_policy(policy.eviction_policy, policy.eviction_policy_args)
+        self.evicts_oldest = bool(getattr(self.eviction, "evicts_oldest", False))
+        if not self.evicts_oldest:  # else the pool takes its oldest block itself
+            pool.choose_victim = self._device_victim
 
     def take_ops(self) -> tuple[KVOp, ...]:
         if not self.ops:
@@ -147,11 +153,19 @@ class TierPolicy:
         return self.ddr if name == DDR else self.nvme
 
     def _tier_victim(self, tier: TierPool) -> Hashable:
-        if self.policy.eviction_policy == "lfu":
-            access = self.access
-            return min(tier.lru, key=lambda k: access.get(k, 0))
-        return next(iter(tier.lru))
+        if self.evicts_oldest:
+            return next(iter(tier.lru))
+        access = self.access
+        return self._ask_victim(tier.lru, lambda k: access.get(k, 0), tier.tier)
 
-    def device_lfu_victim(self) -> int:
+    def _device_victim(self) -> int:
         access, block_hash = self.access, self.pool.block_hash
-        return min(self.pool.evictable, key=lambda b: access.get(block_hash[b], 0))
+        return self._ask_victim(self.pool.evictable, lambda b: access.get(block_hash[b], 0), HBM)
+
+    def _ask_victim(self, candidates: Mapping[Hashable, float], hits: Callable[[Hashable], int],
+                    tier: str) -> Hashable:
+        victim = self.eviction.victim(candidates, hits, self.now)
+        if victim not in candidates:
+            raise PolicyError(f"kv_cache.eviction_policy: {type(self.eviction).__name__}.victim returned "
+                              f"{victim!r}, which is not an evictable entry of tier {tier}")
+        return victim

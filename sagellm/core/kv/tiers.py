@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
+
+from sagellm.core.policies.eviction import make_eviction_policy
 
 
 class StorageTier(str, enum.Enum):
@@ -30,8 +33,6 @@ class KVGranularity(str, enum.Enum):
     REQUEST = "request"
     LAYER = "layer"
 
-
-EVICTION_POLICIES = ("lru", "lfu")
 
 OFFLOAD = "offload"  # copy a block down a tier (cache demotion or request swap-out)
 LOAD = "load"  # copy a block up into HBM because a request needs it now (prefix hit or swap-in)
@@ -67,10 +68,9 @@ class KVOp:
 
 
 def check_tiering_fields(eviction_policy: str, cold_timeout_s: float | None, hot_access_threshold: int,
-                         max_promotions_per_step: int) -> None:
+                         max_promotions_per_step: int, eviction_policy_args: dict[str, Any] | None = None) -> None:
     """ValueError "<field>: ..." for the first tiering setting out of range (shared with `KVCacheConfig`)."""
-    if eviction_policy not in EVICTION_POLICIES:
-        raise ValueError(f"eviction_policy: {eviction_policy!r} is not one of {EVICTION_POLICIES}")
+    make_eviction_policy(eviction_policy, eviction_policy_args, "eviction_policy")
     if cold_timeout_s is not None and cold_timeout_s <= 0:
         raise ValueError(f"cold_timeout_s: must be > 0 or null, got {cold_timeout_s}")
     if hot_access_threshold < 1:
@@ -86,7 +86,8 @@ class KVPolicy:
     `enable_prefix_caching` reuses full blocks across requests by chained token hashes; with
     `tenant_isolation` a request reuses only blocks computed for its own tenant. `ddr_blocks` and
     `nvme_blocks` size the lower tiers (0 disables a tier); they hold cached prefix blocks evicted
-    from HBM, picked by `eviction_policy` ("lru" or "lfu"). An unreferenced cached block idle for
+    from HBM, picked by `eviction_policy` (a name in `EVICTION_POLICIES` or 'package.module:Class',
+    built with `eviction_policy_args`). An unreferenced cached block idle for
     `cold_timeout_s` seconds moves down a tier ahead of need (None: never); a block hit at least
     `hot_access_threshold` times is hot: it is exempt from the cold timeout and is promoted from
     NVMe to free DDR space, at most `max_promotions_per_step` per step.
@@ -101,13 +102,14 @@ class KVPolicy:
     cold_timeout_s: float | None = 60.0
     hot_access_threshold: int = 2
     max_promotions_per_step: int = 8
+    eviction_policy_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", KVGranularity(self.granularity))
         if self.ddr_blocks < 0 or self.nvme_blocks < 0:
             raise ValueError("ddr_blocks and nvme_blocks must be >= 0")
         check_tiering_fields(self.eviction_policy, self.cold_timeout_s, self.hot_access_threshold,
-                             self.max_promotions_per_step)
+                             self.max_promotions_per_step, self.eviction_policy_args)
         if (self.ddr_blocks or self.nvme_blocks) and not self.enable_prefix_caching and not self.swaps:
             raise ValueError("ddr/nvme tiers hold cached prefix blocks or swapped requests: enable prefix "
                              "caching or use granularity 'request'")
