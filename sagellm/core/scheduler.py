@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import add
 
@@ -32,6 +33,7 @@ from sagellm.core.policies.registry import PolicyError
 from sagellm.core.policies.scheduling import make_scheduling_policy
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.steady import SteadyDecodes, by_admission
+from sagellm.core.step_rows import Row, StepDraft
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class Scheduler:
         # Deferred mode: running requests outside `steady`, in admission order, and what the last
         # `schedule` left for `update` (its output and the rows of requests outside `steady`).
         self._others: list[Request] = []
-        self._pending: tuple[SchedulerOutput, list[tuple]] | None = None
+        self._pending: tuple[SchedulerOutput, list[Row]] | None = None
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -176,14 +178,15 @@ class Scheduler:
         prefill_phase = None  # None: both kinds of rows (HYBRID); True or False: TIME_SHARE's phase
         if self.limits.time_share:
             prefill_phase = self._time_share_phase()
-        head, rows, preempted, receives = self._rows(now, prefill_phase)
-        if not rows and prefill_phase is not None:
+        draft = self._rows(now, prefill_phase)
+        if not draft.rows and prefill_phase is not None:
             # Nothing fits in this phase (a request may have given up its own blocks): the other
             # phase, so that the step makes progress.
-            earlier = preempted
-            head, rows, preempted, receives = self._rows(now, not prefill_phase)
-            preempted = earlier + preempted
+            earlier = draft.preempted
+            draft = self._rows(now, not prefill_phase)
+            draft.preempted[:0] = earlier
             prefill_phase = not prefill_phase
+        head, rows = draft.head, draft.rows
         if prefill_phase is not None and rows:
             self._decode_steps_since_prefill = 0 if prefill_phase else self._decode_steps_since_prefill + 1
         kv = self.kv
@@ -191,25 +194,15 @@ class Scheduler:
             # After admissions, so that a prefix about to be reused is not demoted first.
             kv.step_begin(now)
         self._step_id += 1
-        batch = None
-        if head is not None:
-            # The steady members' totals come from a running sum; only the other rows are counted.
-            batch = decode_totals(len(head[0]), self.steady.start_sum())
-            if rows:
-                tail = tuple(zip(*rows))
-                columns = tuple(map(add, head, tail))
-                batch = tuple(map(add, batch, batch_totals(tail[1], tail[2], tail[5])))
-            else:
-                columns = head
-        else:
-            columns = tuple(zip(*rows)) if rows else ((),) * 6
+        columns, batch = self._columns(head, rows)
+        preempted = draft.preempted
         if self._failed_since_last_step:
             preempted = self._failed_since_last_step + preempted
             self._failed_since_last_step = []
         ops = kv.take_ops()
-        if receives:
-            ops = ops + tuple(receives)  # tier moves first: they may free the blocks receives fill
-        handoffs = tuple(r[0] for r in rows if r[5]) if self.prefill_only else ()
+        if draft.receives:
+            ops = ops + tuple(draft.receives)  # tier moves first: they may free the blocks receives fill
+        handoffs = tuple(r.request_id for r in rows if r.samples) if self.prefill_only else ()
         out = SchedulerOutput(self._step_id, *columns, preempted_ids=tuple(preempted),
                               finished_ids=tuple(self._finished_since_last_step), kv_ops=ops,
                               handoff_ids=handoffs, batch=batch)
@@ -217,6 +210,18 @@ class Scheduler:
         if head is not None:
             self._pending = (out, rows)
         return out
+
+    def _columns(self, head: tuple | None, rows: list[Row]) -> tuple[tuple, tuple | None]:
+        """The output's six columns from the steady head's columns and the rows, and the batch
+        totals (kept from the steady decodes' running sums; None without a head)."""
+        if head is None:
+            return (tuple(zip(*rows)) if rows else ((),) * 6), None
+        batch = decode_totals(len(head[0]), self.steady.start_sum())
+        if not rows:
+            return head, batch
+        tail = tuple(zip(*rows))
+        batch = tuple(map(add, batch, batch_totals(tail[1], tail[2], tail[5])))
+        return tuple(map(add, head, tail)), batch
 
     def sync_request_state(self) -> None:
         """Write the deferred state of every steady decode into its `Request` (deferred mode)."""
@@ -238,36 +243,32 @@ class Scheduler:
             return has_prefill
         return self._decode_steps_since_prefill >= self.limits.time_share_decode_steps
 
-    def _rows(self, now: float, prefill_phase: bool | None
-              ) -> tuple[tuple | None, list[tuple], list[str], list[KVOp]]:
+    def _rows(self, now: float, prefill_phase: bool | None) -> StepDraft:
         """Build one step's rows; `prefill_phase` True keeps only prefill rows, False only decodes.
-
-        Returns (head, rows, preempted, receives). In deferred mode `head` holds the rows of the
-        steady decodes at the front of `running` as columns (see `_steady_head`); `rows` continue
-        after them. Otherwise `head` is None."""
-        budget = self.limits.max_num_batched_tokens
-        rows: list[tuple] = []  # one (id, start, token ids, new blocks, resets table, samples) per request
-        preempted: list[str] = []
-        receives: list[KVOp] = []
-        slots = self._slots
-        running = self.running
-        # A kind of row is skipped outside its TIME_SHARE phase or once its per-step cap is reached.
-        skip_decodes = prefill_phase is True
-        skip_prefills = prefill_phase is False
-        max_decode, max_prefill = self._max_decode, self._max_prefill
-        n_decode = n_prefill = 0
-
-        # Running requests first, in admission order. Their block tables already exist. This loop
-        # stops at the first request whose blocks cannot be allocated; the loop after it preempts.
-        # In deferred mode `_steady_head` has already done this for the first `i` of them.
-        append = rows.append
+        Running requests first, in admission order (their block tables exist); then waiting
+        requests in the policy's order, each starting a fresh block table. In deferred mode the
+        draft's `head` holds the steady decodes at the front of `running` as columns (see
+        `_steady_head`) and its rows continue after them."""
+        draft = StepDraft(self.limits.max_num_batched_tokens, prefill_phase, self._max_decode, self._max_prefill)
         i = 0
-        head = None
         if self.steady is not None and prefill_phase is None:
-            head, n_decode = self._steady_head()
-            i = n_decode
-            budget -= n_decode
-            skip_decodes = n_decode >= max_decode
+            draft.head, i = self._steady_head()
+            draft.budget -= i
+            draft.n_decode = i
+            draft.skip_decodes = i >= self._max_decode
+        i = self._schedule_running(draft, i)
+        self._schedule_running_or_preempt(draft, i, now)
+        if self.waiting and draft.budget > 0 and not draft.preempted and len(self.running) < self.limits.max_num_seqs:
+            self._schedule_waiting(draft, now)
+        return draft
+
+    def _schedule_running(self, draft: StepDraft, i: int) -> int:
+        """Rows for running requests from index `i` on until the first whose blocks cannot be
+        allocated (the next loop preempts for it); returns the index it stopped at. The simulator's
+        inner loop: written flat, with the common decode needing no KV manager call."""
+        slots, running, rows = self._slots, self.running, draft.rows
+        budget, skip_decodes, skip_prefills = draft.budget, draft.skip_decodes, draft.skip_prefills
+        max_decode, max_prefill, n_decode, n_prefill = draft.max_decode, draft.max_prefill, draft.n_decode, 0
         for req in running[i:] if i else running:
             if budget <= 0:
                 break
@@ -276,10 +277,9 @@ class Scheduler:
             total = req.num_prompt_tokens + len(out_ids)
             rid = req.request_id
             is_decode = total - start == 1 and start >= req.num_prompt_tokens
-            if is_decode and start < slots[rid]:
-                # The common case: a decode whose next token fits in its blocks.
+            if is_decode and start < slots[rid]:  # a decode whose next token fits in its blocks
                 if not skip_decodes:
-                    append((rid, start, (out_ids[-1],), (), False, True))
+                    rows.append(Row(rid, start, (out_ids[-1],), (), False, True))
                     budget -= 1
                     n_decode += 1
                     skip_decodes = n_decode >= max_decode
@@ -294,7 +294,7 @@ class Scheduler:
                 new_blocks = self._allocate(rid, end)
                 if new_blocks is None:
                     break
-            append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
+            rows.append(Row(rid, start, req.token_slice(start, end), new_blocks, False, end == total))
             budget -= end - start
             if is_decode:
                 n_decode += 1
@@ -303,115 +303,122 @@ class Scheduler:
                 n_prefill += 1
                 skip_prefills = n_prefill >= max_prefill
             i += 1
-        while i < len(running) and budget > 0:
+        draft.budget, draft.n_decode, draft.n_prefill = budget, n_decode, n_prefill
+        draft.skip_decodes, draft.skip_prefills = skip_decodes, skip_prefills
+        return i
+
+    def _schedule_running_or_preempt(self, draft: StepDraft, i: int, now: float) -> None:
+        """Rows for the running requests from index `i` on, preempting (the policy's victims) to
+        find their blocks; a request that has to preempt itself ends the loop."""
+        running = self.running
+        while i < len(running) and draft.budget > 0:
             req = running[i]
             start = req.num_computed_tokens
             total = req.num_tokens
-            n = total - start
             rid = req.request_id
-            is_decode = n == 1 and start >= req.num_prompt_tokens
-            if skip_decodes if is_decode else skip_prefills:
+            is_decode = total - start == 1 and start >= req.num_prompt_tokens
+            if draft.skip_decodes if is_decode else draft.skip_prefills:
                 i += 1
                 continue
-            if n > budget:
-                n = budget
-            end = start + n
+            end = start + min(total - start, draft.budget)
             new_blocks: tuple[int, ...] | None = ()
-            if end > slots[rid]:
-                new_blocks = self._allocate(rid, end)
-                while new_blocks is None:
-                    if self._fcfs:
-                        victim = running.pop()
-                    else:
-                        victim, j = self._take_victim(now)
-                        if j < i:  # scheduled earlier in this step: take its row back
-                            i -= 1
-                            undone = self._undo_row(rows, victim)
-                            if undone is not None:
-                                budget += undone[0]
-                                if undone[1]:
-                                    n_decode -= 1
-                                    skip_decodes = prefill_phase is True or n_decode >= max_decode
-                                else:
-                                    n_prefill -= 1
-                                    skip_prefills = prefill_phase is False or n_prefill >= max_prefill
-                    self._preempt(victim, now)
-                    preempted.append(victim.request_id)
-                    if victim is req:
-                        break
-                    new_blocks = self._allocate(rid, end)
+            if end > self._slots[rid]:
+                new_blocks, i = self._blocks_by_preempting(draft, req, end, i, now)
                 if new_blocks is None:
-                    break
-            rows.append((rid, start, req.token_slice(start, end), new_blocks, False, end == total))
-            budget -= n
-            if is_decode:
-                n_decode += 1
-                skip_decodes = n_decode >= max_decode
-            else:
-                n_prefill += 1
-                skip_prefills = n_prefill >= max_prefill
+                    return
+            draft.rows.append(Row(rid, start, req.token_slice(start, end), new_blocks, False, end == total))
+            draft.budget -= end - start
+            draft.count(is_decode)
             i += 1
 
-        # Then waiting requests, first come first served; each starts a fresh block table (with
-        # its cached prefix, or its swapped-out blocks, at the front).
-        limits = self.limits
-        kv = self.kv
-        admissible = self.waiting and budget > 0 and not preempted and len(running) < limits.max_num_seqs
-        for req in (self._fcfs_heads() if self._fcfs else self._policy_order(now)) if admissible else ():
-            if budget <= 0 or len(running) >= limits.max_num_seqs:
-                break
-            rid = req.request_id
-            total = req.num_tokens
-            hits = None
+    def _blocks_by_preempting(self, draft: StepDraft, req: Request, end: int, i: int, now: float
+                              ) -> tuple[tuple[int, ...] | None, int]:
+        """Blocks for `req` (at running index `i`) to hold `end` tokens, preempting victims until
+        they fit: (the new blocks or None if `req` itself was preempted or nothing frees enough,
+        `req`'s index after the victims left)."""
+        rid = req.request_id
+        new_blocks = self._allocate(rid, end)
+        while new_blocks is None:
+            if self._fcfs:
+                victim = self.running.pop()
+            else:
+                victim, j = self._take_victim(now)
+                if j < i:  # scheduled earlier in this step: take its row back
+                    i -= 1
+                    draft.take_back(victim)
+            self._preempt(victim, now)
+            draft.preempted.append(victim.request_id)
+            if victim is req:
+                return None, i
+            new_blocks = self._allocate(rid, end)
+        return new_blocks, i
+
+    def _schedule_waiting(self, draft: StepDraft, now: float) -> None:
+        """Admit waiting requests in the policy's order while the budget, `max_num_seqs`, the row
+        caps and the KV pool allow; the first that does not fit ends admission (head-of-line)."""
+        max_num_seqs, running = self.limits.max_num_seqs, self.running
+        for req in self._fcfs_heads() if self._fcfs else self._policy_order(now):
+            if draft.budget <= 0 or len(running) >= max_num_seqs:
+                return
             if req.remote_kv_tokens:
-                # A handed-off request: its prompt's KV arrives from the prefill worker; it decodes.
-                if skip_decodes:
-                    break
-                start = req.remote_kv_tokens
-                added = kv.allocate_slots(rid, total)
-                if added is None:
-                    break
-                receives.extend(KVOp(RECEIVE, "staging", j, "hbm", block, rid)
-                                for j, block in enumerate(added[: -(-start // kv.block_size)]))
-                req.remote_kv_tokens = 0
-                self._admit(req, start, now)
-                rows.append((rid, start, req.token_slice(start, total), tuple(added), True, True))
-                budget -= total - start
-                n_decode += 1
-                skip_decodes = n_decode >= max_decode
+                if draft.skip_decodes or not self._admit_handed_off(draft, req, now):
+                    return
                 continue
-            if skip_prefills:
-                break
-            if self.swaps and kv.is_swapped(rid):
-                start = req.num_computed_tokens
-            elif self.caching:
-                hashes = self._hashes(req, total - 1)
-                query = (total - 1) // kv.block_size
-                hits = kv.lookup(hashes[:query])
-                start = len(hits) * kv.block_size
-            else:
-                start = 0
-            n = total - start
-            if n > budget:
-                if not limits.chunked_prefill:
-                    break
-                n = budget
-            end = start + n
-            if hits is not None:
-                new_blocks = kv.admit(rid, req.block_hashes, hits, end, query, now)
-            elif start:
-                new_blocks = kv.swap_in(rid, end, now)
-            else:
-                added = kv.allocate_slots(rid, end)
-                new_blocks = None if added is None else tuple(added)
-            if new_blocks is None:
-                break
+            if draft.skip_prefills:
+                return
+            placed = self._admission_blocks(req, draft.budget, now)
+            if placed is None:
+                return
+            start, end, new_blocks = placed
             self._admit(req, start, now)
-            rows.append((rid, start, req.token_slice(start, end), new_blocks, True, end == total))
-            budget -= n
-            n_prefill += 1
-            skip_prefills = n_prefill >= max_prefill
-        return head, rows, preempted, receives
+            draft.rows.append(Row(req.request_id, start, req.token_slice(start, end), new_blocks, True,
+                                  end == req.num_tokens))
+            draft.budget -= end - start
+            draft.count(False)
+
+    def _admit_handed_off(self, draft: StepDraft, req: Request, now: float) -> bool:
+        """Admit a request whose prompt's KV arrives from a prefill worker: its blocks, the receive
+        operations that fill them, and its first decode row. False when its blocks do not fit."""
+        kv, rid, total = self.kv, req.request_id, req.num_tokens
+        start = req.remote_kv_tokens
+        added = kv.allocate_slots(rid, total)
+        if added is None:
+            return False
+        draft.receives.extend(KVOp(RECEIVE, "staging", j, "hbm", block, rid)
+                              for j, block in enumerate(added[: -(-start // kv.block_size)]))
+        req.remote_kv_tokens = 0
+        self._admit(req, start, now)
+        draft.rows.append(Row(rid, start, req.token_slice(start, total), tuple(added), True, True))
+        draft.budget -= total - start
+        draft.count(True)
+        return True
+
+    def _admission_blocks(self, req: Request, budget: int, now: float
+                          ) -> tuple[int, int, tuple[int, ...]] | None:
+        """Where a waiting request starts (after its cached prefix, or its swapped-out tokens),
+        where this step ends it within `budget`, and its new blocks: (start, end, blocks), or None
+        when it does not fit (no chunking allowed, or too few blocks)."""
+        kv, rid, total = self.kv, req.request_id, req.num_tokens
+        hits = None
+        if self.swaps and kv.is_swapped(rid):
+            start = req.num_computed_tokens
+        elif self.caching:
+            query = (total - 1) // kv.block_size
+            hits = kv.lookup(self._hashes(req, total - 1)[:query])
+            start = len(hits) * kv.block_size
+        else:
+            start = 0
+        if total - start > budget and not self.limits.chunked_prefill:
+            return None
+        end = start + min(total - start, budget)
+        if hits is not None:
+            new_blocks = kv.admit(rid, req.block_hashes, hits, end, query, now)
+        elif start:
+            new_blocks = kv.swap_in(rid, end, now)
+        else:
+            added = kv.allocate_slots(rid, end)
+            new_blocks = None if added is None else tuple(added)
+        return None if new_blocks is None else (start, end, new_blocks)
 
     def _steady_head(self) -> tuple[tuple, int]:
         """The first loop of `_rows` for the steady decodes at the front of `running` (deferred mode).
@@ -477,18 +484,6 @@ class Scheduler:
                           f"{getattr(victim, 'request_id', victim)!r}, which is not a running request of this "
                           "scheduler; victim() must return one of the running requests")
 
-    @staticmethod
-    def _undo_row(rows: list[tuple], victim: Request) -> tuple[int, bool] | None:
-        """Remove the victim's row from this step's rows: (its token count, whether it was a decode),
-        or None when it had none (it was skipped this step)."""
-        rid = victim.request_id
-        for k in range(len(rows) - 1, -1, -1):
-            if rows[k][0] == rid:
-                _, start, tokens, _, _, samples = rows.pop(k)
-                # counted as `_rows` counted it: a decode is the request's last token, past its prompt
-                return len(tokens), samples and len(tokens) == 1 and start >= victim.num_prompt_tokens
-        return None
-
     def _admit(self, req: Request, start: int, now: float) -> None:
         """Move a waiting request to running with `start` tokens already in its blocks."""
         self._admissions += 1
@@ -509,42 +504,52 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
         """Apply one step's result; return the requests that finished in it."""
-        all_rows = zip(output.request_ids, output.start_positions, output.token_ids, output.samples)
+        columns = (output.request_ids, output.start_positions, output.token_ids, output.samples)
         st = self.steady
         if st is None:
-            return self._apply(output, result, all_rows, now)
+            return self._apply(output, result, now, *columns)
         pending, self._pending = self._pending, None
         stopped = result.stopped_ids
         if (pending is None or pending[0] is not output or result.failed_request_ids or result.failed_blocks
                 or (stopped and any(rid in st for rid in stopped))):
             # Out of the ordinary: write every member's state, then apply the step the plain way.
             self._to_others(st.leave_from(0))
-            finished = self._apply(output, result, all_rows, now)
+            finished = self._apply(output, result, now, *columns)
             st.record(result.sampled_token_ids, now)
             return finished
         # Members that make their last token in this step leave the set and finish the plain way;
         # their rows come before the others' in the output, in admission order.
-        last_rows = []
+        ids: list[str] = []
+        starts: list[int] = []
         for req in st.finishing():
-            last_rows.append((req.request_id, st.offsets[st.index(req)] + st.step, _ONE_TOKEN, True))
+            ids.append(req.request_id)
+            starts.append(st.offsets[st.index(req)] + st.step)
             st.leave(req)
             self._to_others((req,))
         rows = pending[1]
-        finished = self._apply(output, result, last_rows + [(r[0], r[1], r[2], r[5]) for r in rows], now)
+        tokens = [_ONE_TOKEN] * len(ids) + [r.token_ids for r in rows]
+        samples = [True] * len(ids) + [r.samples for r in rows]
+        ids += [r.request_id for r in rows]
+        starts += [r.start for r in rows]
+        finished = self._apply(output, result, now, ids, starts, tokens, samples)
         st.record(result.sampled_token_ids, now)
         requests, running_status, others, slots = self.requests, RequestStatus.RUNNING, self._others, self._slots
-        for rid, _, _, _, _, samples in rows:
+        for row in rows:
+            rid = row.request_id
             req = requests.get(rid)
             # A member's next input is the token it sampled in the step before (see `columns`).
-            if (samples and req is not None and req.status is running_status and not req.stop_token_set
+            if (row.samples and req is not None and req.status is running_status and not req.stop_token_set
                     and req.num_computed_tokens == req.num_tokens - 1 >= req.num_prompt_tokens
                     and req.token_limit - req.num_tokens >= 2):
                 others.remove(req)
                 st.join(req, slots[rid])
         return finished
 
-    def _apply(self, output: SchedulerOutput, result: StepResult, rows, now: float) -> list[Request]:
-        """`update` for the given (request id, start, token ids, samples) rows of `output`."""
+    def _apply(self, output: SchedulerOutput, result: StepResult, now: float, request_ids: Sequence[str],
+               starts: Sequence[int], token_ids: Sequence[tuple[int, ...]], samples: Sequence[bool]
+               ) -> list[Request]:
+        """`update` for the rows of `output` given as columns (request ids, starts, token ids,
+        whether each samples)."""
         finished: list[Request] = []
         stopped = result.stopped_ids
         sampled = result.sampled_token_ids
@@ -553,7 +558,7 @@ class Scheduler:
         if result.failed_request_ids or result.failed_blocks:
             self._recompute_failed(result, now)
         caching, bs = self.caching, self.kv.block_size
-        for rid, start, toks, samples in rows:
+        for rid, start, toks, sampled_here in zip(request_ids, starts, token_ids, samples):
             req = requests.get(rid)
             if req is None or req.status is not running_status:
                 continue  # aborted or preempted after scheduling
@@ -562,8 +567,8 @@ class Scheduler:
                 self.kv.cache_computed(rid, self._hashes(req, computed), computed)
             if self._hooks:
                 prompt = req.num_prompt_tokens
-                self.policy.on_service(req, max(0, min(computed, prompt) - start), 1 if samples else 0)
-            if not samples:
+                self.policy.on_service(req, max(0, min(computed, prompt) - start), 1 if sampled_here else 0)
+            if not sampled_here:
                 continue
             try:
                 token = sampled[rid]
