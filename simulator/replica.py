@@ -44,6 +44,7 @@ class Replica:
         self._wakeup: simpy.Event | None = None
         self._in_step = False
         self._inbox: list[Request] = []
+        self._step_start = 0.0
         # Called for a request that arrived during a step and that the scheduler then refused.
         self.on_reject: Callable[[Request, ValueError], None] | None = None
         self.on_state: Callable[[int, ReplicaState], None] | None = None
@@ -96,7 +97,8 @@ class Replica:
             now = env.now
             horizon = env.peek()
             while True:
-                step = ServingStep.start(scheduler, lambda out, now=now: self._execute(out, now), now)
+                self._step_start = now
+                step = ServingStep.start(scheduler, self._execute, now)
                 if not isinstance(step, ServingStep):
                     out = step
                     if out.preempted_ids and scheduler.requests:
@@ -111,7 +113,7 @@ class Replica:
                     now = env.now
                 else:
                     now = end
-                finished = step.finish(now).finished
+                finished = step.finish(now)
                 if self._inbox:
                     self._take_inbox()
                 if not out.request_ids:
@@ -140,8 +142,9 @@ class Replica:
             yield self._wakeup
             self._wakeup = None
 
-    def _execute(self, out: SchedulerOutput, now: float) -> StepResult:
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        """The executor's prediction for a step that starts at `_step_start`."""
         if self.on_step is not None:
             self.on_step(out)
-        return self.executor.execute(out, now)
+        return self.executor.execute(out, self._step_start)
 

@@ -219,7 +219,10 @@ class Simulation:
                 self._reject(req, exc, target)
 
     def _route(self, req: Request, max_new_tokens: int) -> int:
-        """The replica the router picks for `req`, as the live cluster's coordinator asks it."""
+        """The replica the router picks for `req`, as the live cluster's coordinator asks it (with
+        one replica there is nothing to pick, as a single live engine has no router)."""
+        if len(self.replicas) == 1:
+            return 0
         route = route_request(req.request_id, req.prompt_token_ids, max_new_tokens, self.view.block_size,
                               req.tenant, req.priority)
         try:

@@ -47,7 +47,7 @@ def engine_loop_outputs(config: SimulationConfig, executor: FixedFakeExecutor
             continue
         outputs.append(step.output)
         now += step.result.duration
-        finished += step.finish(now).finished
+        finished += step.finish(now)
     return outputs, sorted((RequestRecord.from_request(r) for r in finished), key=lambda r: r.request_id)
 
 
@@ -82,7 +82,7 @@ def cluster_loop_outputs(config: SimulationConfig, executor: FixedFakeExecutor
 
     def end_step(r: int) -> None:
         step, steps[r], end = steps[r], None, ends_at[r]
-        for req in step.finish(end).finished:
+        for req in step.finish(end):
             del tracked[req.request_id]
         for req in inboxes[r]:
             scheds[r].add_request(req)

@@ -8,7 +8,6 @@ that differ are the executor and the clock, which is why the simulator makes the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sagellm.core.outputs import SchedulerOutput, StepResult
 from sagellm.core.request import Request
@@ -22,16 +21,6 @@ class StepFailed(Exception):
     def __init__(self, output: SchedulerOutput) -> None:
         super().__init__(f"step {output.step_id} failed")
         self.output = output
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """A finished pass of the loop: the requests that finished, at time `end`."""
-
-    output: SchedulerOutput
-    result: StepResult
-    finished: tuple[Request, ...]
-    end: float
 
 
 class ServingStep:
@@ -64,10 +53,9 @@ class ServingStep:
             raise StepFailed(output) from exc
         return ServingStep(scheduler, output, result)
 
-    def finish(self, end: float) -> StepOutcome:
-        """Apply the result at time `end`; the requests that finished."""
+    def finish(self, end: float) -> list[Request]:
+        """Apply the result at time `end`; returns the requests that finished in the step."""
         try:
-            finished = self.scheduler.update(self.output, self.result, end)
+            return self.scheduler.update(self.output, self.result, end)
         except Exception as exc:
             raise StepFailed(self.output) from exc
-        return StepOutcome(self.output, self.result, tuple(finished), end)

@@ -33,7 +33,7 @@ from sagellm.core.policies.registry import PolicyError
 from sagellm.core.policies.scheduling import make_scheduling_policy
 from sagellm.core.request import Request, RequestStatus
 from sagellm.core.steady import SteadyDecodes, by_admission
-from sagellm.core.step_rows import Row, StepDraft
+from sagellm.core.step_rows import Row, StepDraft, new_row
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,8 @@ class Scheduler:
             draft.n_decode = i
             draft.skip_decodes = i >= self._max_decode
         i = self._schedule_running(draft, i)
-        self._schedule_running_or_preempt(draft, i, now)
+        if i < len(self.running) and draft.budget > 0:
+            self._schedule_running_or_preempt(draft, i, now)
         if self.waiting and draft.budget > 0 and not draft.preempted and len(self.running) < self.limits.max_num_seqs:
             self._schedule_waiting(draft, now)
         return draft
@@ -279,7 +280,7 @@ class Scheduler:
             is_decode = total - start == 1 and start >= req.num_prompt_tokens
             if is_decode and start < slots[rid]:  # a decode whose next token fits in its blocks
                 if not skip_decodes:
-                    rows.append(Row(rid, start, (out_ids[-1],), (), False, True))
+                    rows.append(new_row((rid, start, (out_ids[-1],), (), False, True)))
                     budget -= 1
                     n_decode += 1
                     skip_decodes = n_decode >= max_decode
@@ -294,7 +295,7 @@ class Scheduler:
                 new_blocks = self._allocate(rid, end)
                 if new_blocks is None:
                     break
-            rows.append(Row(rid, start, req.token_slice(start, end), new_blocks, False, end == total))
+            rows.append(new_row((rid, start, req.token_slice(start, end), new_blocks, False, end == total)))
             budget -= end - start
             if is_decode:
                 n_decode += 1
@@ -326,7 +327,7 @@ class Scheduler:
                 new_blocks, i = self._blocks_by_preempting(draft, req, end, i, now)
                 if new_blocks is None:
                     return
-            draft.rows.append(Row(rid, start, req.token_slice(start, end), new_blocks, False, end == total))
+            draft.rows.append(new_row((rid, start, req.token_slice(start, end), new_blocks, False, end == total)))
             draft.budget -= end - start
             draft.count(is_decode)
             i += 1
@@ -371,8 +372,8 @@ class Scheduler:
                 return
             start, end, new_blocks = placed
             self._admit(req, start, now)
-            draft.rows.append(Row(req.request_id, start, req.token_slice(start, end), new_blocks, True,
-                                  end == req.num_tokens))
+            draft.rows.append(new_row((req.request_id, start, req.token_slice(start, end), new_blocks, True,
+                                       end == req.num_tokens)))
             draft.budget -= end - start
             draft.count(False)
 
@@ -388,7 +389,7 @@ class Scheduler:
                               for j, block in enumerate(added[: -(-start // kv.block_size)]))
         req.remote_kv_tokens = 0
         self._admit(req, start, now)
-        draft.rows.append(Row(rid, start, req.token_slice(start, total), tuple(added), True, True))
+        draft.rows.append(new_row((rid, start, req.token_slice(start, total), tuple(added), True, True)))
         draft.budget -= total - start
         draft.count(True)
         return True
@@ -519,18 +520,18 @@ class Scheduler:
             return finished
         # Members that make their last token in this step leave the set and finish the plain way;
         # their rows come before the others' in the output, in admission order.
-        ids: list[str] = []
-        starts: list[int] = []
-        for req in st.finishing():
-            ids.append(req.request_id)
-            starts.append(st.offsets[st.index(req)] + st.step)
-            st.leave(req)
-            self._to_others((req,))
         rows = pending[1]
-        tokens = [_ONE_TOKEN] * len(ids) + [r.token_ids for r in rows]
-        samples = [True] * len(ids) + [r.samples for r in rows]
-        ids += [r.request_id for r in rows]
-        starts += [r.start for r in rows]
+        ids, starts, tokens, _, _, samples = zip(*rows) if rows else _NO_COLUMNS
+        last = st.finishing()
+        if last:
+            last_ids, last_starts = [], []
+            for req in last:
+                last_ids.append(req.request_id)
+                last_starts.append(st.offsets[st.index(req)] + st.step)
+                st.leave(req)
+                self._to_others((req,))
+            ids, starts = last_ids + list(ids), last_starts + list(starts)
+            tokens, samples = [_ONE_TOKEN] * len(last) + list(tokens), [True] * len(last) + list(samples)
         finished = self._apply(output, result, now, ids, starts, tokens, samples)
         st.record(result.sampled_token_ids, now)
         requests, running_status, others, slots = self.requests, RequestStatus.RUNNING, self._others, self._slots
@@ -680,6 +681,7 @@ class Scheduler:
 
 
 _ONE_TOKEN = (0,)  # `update` reads only the length of a finishing member's row
+_NO_COLUMNS = ((),) * 6
 _WAITING_STATES = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from sagellm.core.kv.tiers import KVOp
@@ -17,6 +18,11 @@ class Row(NamedTuple):
     new_block_ids: tuple[int, ...]
     resets_block_table: bool
     samples: bool  # the step ends at the request's last token, so it samples one
+
+
+# `new_row((id, start, token ids, new blocks, resets, samples))` builds a `Row` in C, without the
+# Python-level `__new__` that `Row(...)` runs: the scheduler builds one per scheduled request.
+new_row = partial(tuple.__new__, Row)
 
 
 class StepDraft:

@@ -402,21 +402,21 @@ class SageLLMEngine:
                     if step.preempted_ids or step.finished_ids:
                         self.executor.runner.update_tables(step)  # the runner forgets their blocks
                     continue
-                outcome = step.finish(time.monotonic())
+                finished = step.finish(time.monotonic())
             except StepFailed as failure:  # a failed step must not kill the loop or hang callers
                 out, exc = failure.output, failure.__cause__
                 log.error("step %d failed", out.step_id, exc_info=exc)
                 self._distrust_kv_ops(out)
                 self._fail_requests([s.request_id for s in out.scheduled], f"step failed: {exc!r}")
                 continue
-            out, result = outcome.output, outcome.result
+            out, result = step.output, step.result
             if not out.is_empty:
                 with self._lock:
                     self._stats["busy_s"] += result.duration
                     if self._step_log is not None:
                         self._step_log.append(StepTiming(BatchShape.from_output(out), result.duration,
                                                          time.monotonic()))
-                self._dispatch(out, list(outcome.finished))
+                self._dispatch(out, finished)
                 if self.on_state is not None:
                     self.on_state(replica_state(self.scheduler))
 

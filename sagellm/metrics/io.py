@@ -25,13 +25,15 @@ LATENCY_ROWS = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e
 
 
 def write_records(path: Path, records: Sequence[RequestRecord]) -> None:
-    """Per-request records as CSV, one row per request, columns `RECORD_COLUMNS`."""
+    """Per-request records as CSV, one row per request, columns `RECORD_COLUMNS` (without `tenant`
+    when no request has one)."""
+    columns = RECORD_COLUMNS if any(r.tenant for r in records) else tuple(c for c in RECORD_COLUMNS if c != "tenant")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(RECORD_COLUMNS)
+        w.writerow(columns)
         for r in records:
             w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v)
-                        for v in (getattr(r, c) for c in RECORD_COLUMNS)])
+                        for v in (getattr(r, c) for c in columns)])
 
 
 def write_run(directory: Path, records: Sequence[RequestRecord], summary: dict[str, Any],

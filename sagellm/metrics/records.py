@@ -17,7 +17,8 @@ class RequestRecord:
     `queueing_delay` is arrival to first schedule; `ttft` arrival to first token; `tpot` the mean
     gap between output tokens after the first (None with a single output token); `e2e_latency`
     arrival to finish; `itl_max` the longest gap between two output tokens. Times are None when
-    the request never got that far (e.g. aborted while waiting).
+    the request never got that far (e.g. aborted while waiting). `tenant` is the request's tenant
+    ("" when it has none).
     """
 
     request_id: str
@@ -35,6 +36,7 @@ class RequestRecord:
     tpot: float | None
     e2e_latency: float | None
     itl_max: float | None
+    tenant: str = ""
 
     @classmethod
     def from_request(cls, req: Request, replica: int = 0, gaps: list[float] | None = None,
@@ -64,6 +66,7 @@ class RequestRecord:
             tpot=(t[-1] - t[0]) / (n - 1) if n > 1 else None,
             e2e_latency=None if req.finish_time is None else req.finish_time - arrival,
             itl_max=itl_max,
+            tenant=req.tenant,
         )
 
     def to_dict(self) -> dict:

@@ -78,7 +78,25 @@ def summarize(
         good = sum(1 for r in finished if slo.met_by(r))
         summary["goodput"] = rate(good)
         summary["slo_attainment"] = good / len(records) if records else math.nan
+    if any(r.tenant for r in records):
+        summary.update(tenant_summary(records, finished))
     return summary
+
+
+def tenant_summary(records: Sequence[RequestRecord], finished: Sequence[RequestRecord]) -> dict[str, float]:
+    """Per tenant T: `tenant_T_ttft_mean` over its finished requests, and `tenant_T_service_share`,
+    its share of the tokens (prompt and output) of the requests that finished while requests were
+    still arriving (up to the last arrival): the service each tenant got while all were sending."""
+    window_end = max(r.arrival_time for r in records)
+    served = [r for r in finished if r.finish_time <= window_end]
+    total = sum(r.num_prompt_tokens + r.num_output_tokens for r in served)
+    out: dict[str, float] = {}
+    for tenant in sorted({r.tenant for r in records}):
+        ttfts = [r.ttft for r in finished if r.tenant == tenant and r.ttft is not None]
+        out[f"tenant_{tenant}_ttft_mean"] = sum(ttfts) / len(ttfts) if ttfts else math.nan
+        tokens = sum(r.num_prompt_tokens + r.num_output_tokens for r in served if r.tenant == tenant)
+        out[f"tenant_{tenant}_service_share"] = tokens / total if total else math.nan
+    return out
 
 
 def handoff_summary(seconds: list[float]) -> dict[str, float | int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import repeat, starmap
 
 
 class BlockPool:
@@ -44,11 +45,12 @@ class BlockPool:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         free = self._free
         if n <= len(free):
-            blocks = [free.popleft() for _ in range(n)]
+            blocks = list(starmap(free.popleft, repeat((), n)))  # n poplefts, in C
         elif n > len(free) + len(self.evictable):
             return None
         else:
-            blocks = [free.popleft() for _ in range(len(free))]
+            blocks = list(free)
+            free.clear()
             while len(blocks) < n:
                 blocks.append(self.evict_one())
         refs = self._ref_counts
