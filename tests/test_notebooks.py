@@ -26,6 +26,7 @@ from sagellm.metrics.summary import SLO, summarize
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RATE = "workload.arrival.rate"
 SEQS = "sagellm.scheduler.max_num_seqs"
+POLICY = "sagellm.scheduler.policy"
 SLO_S = SLO(ttft=2.0, tpot=0.3)
 NUM_REQUESTS = 30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,8 +47,10 @@ def synthetic_workload(rng: np.random.Generator, rate: float) -> Workload:
     return np.cumsum(rng.exponential(1.0 / rate, NUM_REQUESTS)), rng.integers(50, 400, NUM_REQUESTS), outputs
 
 
-def synthetic_records(rng: np.random.Generator, workload: Workload, slowdown: float) -> list[RequestRecord]:
-    """Plausible records of one side serving `workload`; `slowdown` stretches queueing and decode times."""
+def synthetic_records(rng: np.random.Generator, workload: Workload, slowdown: float,
+                      tenants: bool = False) -> list[RequestRecord]:
+    """Plausible records of one side serving `workload`; `slowdown` stretches queueing and decode times.
+    With `tenants`, every fifth request is tenant "light", the others "heavy"."""
     arrivals, prompts, outputs = workload
     rate = NUM_REQUESTS / arrivals[-1]
     records = []
@@ -61,7 +64,8 @@ def synthetic_records(rng: np.random.Generator, workload: Workload, slowdown: fl
             first_scheduled_time=float(arrival + queue), first_token_time=float(arrival + ttft),
             finish_time=float(arrival + e2e), num_prompt_tokens=int(prompt), num_output_tokens=int(out),
             num_preemptions=0, finish_reason="length", queueing_delay=float(queue), ttft=float(ttft),
-            tpot=tpot, e2e_latency=float(e2e), itl_max=None if tpot is None else 1.5 * tpot))
+            tpot=tpot, e2e_latency=float(e2e), itl_max=None if tpot is None else 1.5 * tpot,
+            tenant=("light" if i % 5 == 0 else "heavy") if tenants else ""))
     return records
 
 
@@ -77,7 +81,8 @@ def _side(run_dir: Path, slug: str, side: str, records: list[RequestRecord]) -> 
     return summary
 
 
-def make_run(root: Path, name: str, sweep: dict[str, list], repeats: int, seed: int = 0) -> Path:
+def make_run(root: Path, name: str, sweep: dict[str, list], repeats: int, seed: int = 0,
+             tenants: bool = False) -> Path:
     """Write `root/<name>/<time>/` with simulate plus `repeats` live repeats per sweep point; return it."""
     rng = np.random.default_rng(seed)
     run_dir = root / name / "20250101T000000Z"
@@ -87,11 +92,12 @@ def make_run(root: Path, name: str, sweep: dict[str, list], repeats: int, seed: 
         slug = _slug(index, overrides)
         points.append({"index": index, "slug": slug, "overrides": overrides})
         workload = synthetic_workload(rng, float(overrides[RATE]))
-        predicted = _side(run_dir, slug, "simulate", synthetic_records(rng, workload, 1.0))
+        predicted = _side(run_dir, slug, "simulate", synthetic_records(rng, workload, 1.0, tenants))
         summary_rows.append({"point": slug, "side": "simulate", "repeat": -1, **overrides, **predicted})
         measured = []
         for r in range(repeats):
-            measured.append(_side(run_dir, slug, f"live-{r}", synthetic_records(rng, workload, 1.1 + 0.05 * r)))
+            measured.append(_side(run_dir, slug, f"live-{r}",
+                                  synthetic_records(rng, workload, 1.1 + 0.05 * r, tenants)))
             summary_rows.append({"point": slug, "side": "live", "repeat": r, **overrides, **measured[-1]})
         fidelity_rows += [{"point": slug, **overrides, **row.to_dict()} for row in compare(predicted, measured)]
     sides = ["simulate", "live"] if repeats else ["simulate"]
@@ -114,6 +120,12 @@ def fidelity_run(tmp_path: Path) -> Path:
 @pytest.fixture
 def grid_run(tmp_path: Path) -> Path:
     return make_run(tmp_path, "grid", {RATE: [0.5, 1.0], SEQS: [4, 16]}, repeats=0, seed=2)
+
+
+@pytest.fixture
+def policy_run(tmp_path: Path) -> Path:
+    return make_run(tmp_path, "policies", {POLICY: ["fcfs", "sjf", "fair"], RATE: [0.5, 1.0]}, repeats=2, seed=3,
+                    tenants=True)
 
 
 def assert_png(path: Path) -> None:
@@ -284,3 +296,42 @@ def test_policies_notebook_runs(grid_run: Path, python3_kernel: str, monkeypatch
     for column in ("ttft_mean (ms)", "tpot_mean (ms)", "output_throughput", "goodput", SEQS):
         assert column in text, f"policies notebook output lacks {column}"
     assert _num_images(outputs) >= 2  # one figure per sweep key
+
+
+def test_policies_notebook_compares_the_sides_and_the_tenants(policy_run: Path, python3_kernel: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _text(execute_notebook("policies.ipynb", policy_run, python3_kernel, monkeypatch))
+    for expected in ("pairs_that_differ", "same_order", "ratios to fcfs", "predicted", "measured",
+                     "tenant_light_ttft_mean", "tenant_heavy_service_share"):
+        assert expected in text, f"policies notebook output lacks {expected}"
+
+
+# ---------------------------------------------------------------------------------------------- compare_policies
+
+
+def _sides(rows: list[tuple[str, float, float, float]]) -> pd.DataFrame:
+    """A side table of one metric, ttft_mean: (policy, simulated, live median, live spread) per point."""
+    return pd.DataFrame([{"point": f"{i:03d}", POLICY: p, "ttft_mean_sim": s, "ttft_mean_live": m,
+                          "ttft_mean_spread": w, "live_repeats": 2} for i, (p, s, m, w) in enumerate(rows)])
+
+
+def test_rank_checks_count_only_pairs_that_differ_beyond_their_spread() -> None:
+    from experiments.compare_policies import rank_checks
+
+    table = _sides([("fcfs", 2.0, 2.0, 0.1), ("sjf", 1.0, 1.0, 0.1), ("fair", 3.0, 2.05, 0.2),
+                    ("priority", 0.5, 3.0, 0.1)])
+    (check,) = rank_checks(table, POLICY, ["ttft_mean"])
+    # fcfs and fair are 0.05 apart, within fair's spread (0.2): not counted; the other 5 pairs differ
+    assert check.pairs_that_differ == 5
+    # priority is measured slowest but simulated fastest: its 3 pairs disagree; fcfs-sjf and sjf-fair agree
+    assert check.same_order == 2 and len(check.disagreements) == 3
+
+
+def test_baseline_ratios_divide_by_the_baseline_of_the_same_group() -> None:
+    from experiments.compare_policies import baseline_ratios
+
+    table = _sides([("fcfs", 2.0, 4.0, 0.1), ("sjf", 1.0, 3.0, 0.1)])
+    table["workload.arrival.rate"] = 0.5
+    ratios = baseline_ratios(table, POLICY, "fcfs", ["ttft_mean"])
+    sjf = ratios[ratios[POLICY] == "sjf"].iloc[0]
+    assert (sjf.predicted, sjf.measured) == (0.5, 0.75) and sjf.error == pytest.approx(0.5 / 0.75 - 1)

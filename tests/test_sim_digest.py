@@ -1,11 +1,14 @@
-"""The simulator's output for the shipped configs, byte for byte, against digests stored before the
-scheduler's policies became plug-ins: with the default policy (`fcfs`) nothing a user runs changed.
+"""The simulator's output for the shipped configs, byte for byte, against stored digests: those of the
+38 configs that predate plug-in policies were stored before the scheduler's policies became plug-ins
+(with the default policy, `fcfs`, nothing a user ran changed); a config added since has its digest
+stored when it was added.
 
 Configs: every `simulator/configs/*.yaml` and the simulation of every sweep point of every
 `experiments/*.yaml` (of `pd_cluster.yaml`, the first rate of each variant). `hardware: local` is
 priced by one committed profile, so the digests do not depend on this machine. Each digest covers
 the files `sagellm simulate` writes: requests.csv, summary.json (summary and info) and kv_usage.csv.
-Regenerate (only when a change is meant to alter results): `python tests/test_sim_digest.py --write`.
+Regenerate (only when a change is meant to alter results): `python tests/test_sim_digest.py --write`;
+store the digests of new configs only, leaving the others as they are: `--add`.
 """
 
 from __future__ import annotations
@@ -66,8 +69,10 @@ def test_shipped_config_output_is_unchanged(name: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_sim_digest.py --write")
+    if sys.argv[1:] not in (["--write"], ["--add"]):
+        sys.exit("usage: python tests/test_sim_digest.py --write | --add")
     DIGESTS.parent.mkdir(exist_ok=True)
-    DIGESTS.write_text(json.dumps({name: digest(cfg) for name, cfg in sorted(CONFIGS.items())}, indent=1) + "\n")
-    print(f"wrote {len(CONFIGS)} digests to {DIGESTS}")
+    stored = json.loads(DIGESTS.read_text()) if sys.argv[1] == "--add" and DIGESTS.exists() else {}
+    new = {name: digest(cfg) for name, cfg in sorted(CONFIGS.items()) if name not in stored}
+    DIGESTS.write_text(json.dumps(dict(sorted({**stored, **new}.items())), indent=1) + "\n")
+    print(f"wrote {len(new)} new digests to {DIGESTS} ({len(stored)} kept)")
