@@ -27,7 +27,7 @@ chat: $(STAMP)
 	$(VENV)/bin/sagellm generate "$(PROMPT)" --max-new-tokens 96
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,8 +1,10 @@
 """Policies compared on both sides of one experiment run: the simulated ranking against the live one,
 and each policy's predicted ratio to a baseline against the measured ratio.
 
-`python -m experiments.compare_policies RESULTS [--key sagellm.scheduler.policy] [--baseline fcfs]`
-prints the tables as Markdown (docs/policies.md quotes them); `notebooks/policies.ipynb` shows them.
+`python -m experiments.compare_policies RESULTS [--key sagellm.scheduler.policy] [--baseline fcfs]
+[--metrics ttft_mean,...]` prints the tables as Markdown (docs/policies.md quotes them);
+`notebooks/policies.ipynb` shows them. For routers: `--key cluster.router --baseline least_outstanding
+--metrics ttft_mean,ttft_p90,prefix_hit_rate`.
 
 Live values are the median over a point's counted repeats; a point's *spread* is the range (max - min)
 of its repeats. Two policies' live medians *differ* when they are further apart than the larger of
@@ -48,7 +50,8 @@ def tenant_metrics(run: RunData) -> list[str]:
 
 
 def side_table(run: RunData, metrics: tuple[str, ...] | list[str] = METRICS) -> pd.DataFrame:
-    """One row per point: its sweep values, and per metric the simulated value (`<m>_sim`), the live
+    """One row per point: its sweep values, and per metric the simulated value (`<m>_sim`: the median
+    of the point's simulations, one per live run when each is priced by its own reference), the live
     median (`<m>_live`) and the live range over repeats (`<m>_spread`)."""
     summary, keys = run.summary, sweep_keys(run)
     rows = []
@@ -56,7 +59,7 @@ def side_table(run: RunData, metrics: tuple[str, ...] | list[str] = METRICS) -> 
         row: dict = {"point": point, **{k: frame[k].iloc[0] for k in keys}}
         sim, live = frame[frame["side"] == "simulate"], frame[frame["side"] == "live"]
         for m in metrics:
-            row[f"{m}_sim"] = float(sim[m].iloc[0]) if not sim.empty and m in sim else math.nan
+            row[f"{m}_sim"] = float(sim[m].median()) if not sim.empty and m in sim else math.nan
             values = live[m].dropna() if m in live else pd.Series(dtype=float)
             row[f"{m}_live"] = float(values.median()) if len(values) else math.nan
             row[f"{m}_spread"] = float(values.max() - values.min()) if len(values) else math.nan
@@ -126,8 +129,28 @@ def compact(table: pd.DataFrame, key: str, metrics: list[str], keys: list[str]) 
     return frame
 
 
-def markdown(run: RunData, key: str, baseline: str) -> str:
-    metrics = [*METRICS, *tenant_metrics(run)]
+def replica_balance(run: RunData) -> pd.DataFrame:
+    """Per point and side folder: how evenly the replicas shared the work, as the busiest replica's
+    tokens (prompt + output of the requests it served) over the mean per replica (1.0: even), and
+    each replica's request count. Empty for single-replica runs."""
+    default = int((run.manifest.get("config", {}).get("cluster") or {}).get("num_replicas", 1))
+    rows = []
+    for point in run.manifest["points"]:
+        num_replicas = int(point["overrides"].get("cluster.num_replicas", default))
+        for path in sorted((run.path / "points" / point["slug"]).glob("*/requests.parquet")):
+            records = pd.read_parquet(path)
+            tokens = (records["num_prompt_tokens"] + records["num_output_tokens"]).groupby(records["replica"]).sum()
+            n = max(num_replicas, len(tokens))
+            if n < 2:
+                continue
+            rows.append({"point": point["slug"], "side": path.parent.name,
+                         "max_over_mean": tokens.max() / (tokens.sum() / n),
+                         "requests_per_replica": records["replica"].value_counts().sort_index().tolist()})
+    return pd.DataFrame(rows)
+
+
+def markdown(run: RunData, key: str, baseline: str, metrics: list[str] | None = None) -> str:
+    metrics = [*(metrics or METRICS), *tenant_metrics(run)]
     table = side_table(run, metrics)
     lines = ["Per point, simulated / live median (range of the live repeats); latencies in s, goodput in req/s:",
              "", compact(table, key, metrics, sweep_keys(run)).to_markdown(index=False), ""]
@@ -141,6 +164,10 @@ def markdown(run: RunData, key: str, baseline: str) -> str:
     within = (ratios["error"].abs() <= RATIO_TOLERANCE).sum() if not ratios.empty else 0
     lines += ["", f"Ratio to `{baseline}` (error: predicted / measured - 1; within {RATIO_TOLERANCE:.0%}: "
               f"{within} of {len(ratios)}):", "", ratios.round(3).to_markdown(index=False)]
+    balance = replica_balance(run)
+    if not balance.empty:
+        lines += ["", "Load balance (busiest replica's tokens over the mean per replica):", "",
+                  balance.round(3).to_markdown(index=False)]
     return "\n".join(lines)
 
 
@@ -149,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", help="a run folder, or results/<name> for its newest run")
     ap.add_argument("--key", default="sagellm.scheduler.policy", help="the swept key that names the policy")
     ap.add_argument("--baseline", default="fcfs", help="the policy the ratios are taken to")
+    ap.add_argument("--metrics", default=",".join(METRICS),
+                    help="comma-separated summary columns to compare (tenant columns are added when present)")
     args = ap.parse_args(argv)
-    print(markdown(load_run(args.results), args.key, args.baseline))
+    print(markdown(load_run(args.results), args.key, args.baseline, args.metrics.split(",")))
 
 
 if __name__ == "__main__":

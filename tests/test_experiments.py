@@ -507,3 +507,16 @@ def test_the_idle_probe_prices_a_run_at_the_speed_the_machine_had_during_it(tmp_
     sparse_probe.to_parquet(tmp_path / "live-0" / IDLE_PROBE_FILE)
     ((_, sparse),) = _paired_references(tmp_path, doc, model, SageLLMConfig.from_dict({}))
     assert sparse["speed_trace"] is None and _speed_of(sparse) is None and sparse["decode"] == plain["decode"]
+
+
+def test_the_example_policy_runs_by_dotted_path_on_both_sides(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the dotted path is found from the directory the command runs in
+    cfg = ExperimentConfig.from_yaml(root / "examples" / "policies" / "deadline.yaml")
+    run_dir = run_experiment(cfg, tmp_path, echo=lambda line: None, progress=False)
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert set(summary["side"]) == {"simulate", "live"}
+    assert (summary["num_finished"] == 16).all()
+    assert {"tenant_interactive_ttft_mean", "tenant_batch_ttft_mean"} <= set(summary.columns)
+    live = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "requests.parquet")
+    assert set(live["tenant"]) == {"batch", "interactive"}

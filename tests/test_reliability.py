@@ -436,3 +436,39 @@ def test_every_input_error_is_a_value_error() -> None:
 
     for cls in (ConfigError, RequestError, ModelLoadError, HardwareError, WorkloadError):
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
+
+
+class FinishHookFails:
+    """A scheduling policy (first come, first served) whose `on_finish` hook raises."""
+
+    keeps_arrival_order = False
+    tracks_service = True
+
+    def order(self, waiting, now):
+        return list(waiting)
+
+    def victim(self, running, now):
+        return running[-1]
+
+    def on_arrival(self, request, now):
+        pass
+
+    def on_service(self, request, prompt_tokens, output_tokens):
+        pass
+
+    def on_finish(self, request, now):
+        raise RuntimeError("policy bug in on_finish")
+
+
+def test_a_policy_hook_that_raises_ends_its_requests_with_an_error_and_the_engine_serves_on() -> None:
+    eng = start_engine({"model": {"dtype": "float32", "max_model_len": 128},
+                        "kv_cache": {"num_blocks": 32, "block_size": 16},
+                        "scheduler": {"policy": "test_reliability:FinishHookFails"}})
+    try:
+        out = run_with_timeout(lambda: eng.generate("Hi", max_new_tokens=2), 60)
+        assert out.finish_reason == "error" and "policy bug in on_finish" in out.error
+        assert eng.kv_manager.num_free_blocks == 32  # its blocks were freed before the hook ran
+        again = run_with_timeout(lambda: eng.generate("Hello", max_new_tokens=2), 60)
+        assert again.finish_reason == "error"  # still answered: the loop lives on
+    finally:
+        eng.shutdown()

@@ -670,14 +670,14 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         if self.steady is not None and req.status is RequestStatus.RUNNING:
             self._leave_running_sets(req)
-        if self._hooks:
-            self.policy.on_finish(req, now)
         self.kv.free(req.request_id, now)
         self._slots.pop(req.request_id, None)
         req.status = status
         req.finish_time = now
         del self.requests[req.request_id]
         self._finished_since_last_step.append(req.request_id)
+        if self._hooks:  # last: a hook that raises leaves the request finished and its blocks free
+            self.policy.on_finish(req, now)
 
 
 _ONE_TOKEN = (0,)  # `update` reads only the length of a finishing member's row

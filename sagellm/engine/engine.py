@@ -573,6 +573,10 @@ class SageLLMEngine:
         for rid in request_ids:
             req = self.scheduler.abort_request(rid, now)
             if req is None:
+                pending = self._pending.pop(rid, None)
+                if pending is not None:  # it left the scheduler in the step that failed
+                    self.executor.release(rid)
+                    self._deliver_error(pending, message)
                 continue
             req.status = status
             self._finish(req, error=message)
