@@ -7,12 +7,14 @@ sequences. Llama-2 has a 4,096-token context, so prompts are capped at 3,072 tok
 azure_conv prompts are longer) and outputs at 1,024 (none are longer).
 
     python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile] [--compare-plain]
-                                   [--policy NAME] [--every-policy]
+                                   [--policy NAME] [--every-policy] [--count-bytecodes]
 
 `--compare-plain` alternates each run with one whose schedulers run the plain per-request loop
 (no deferred steady decodes): same decisions and results, and the ratio of the two speeds.
 `--policy` runs another scheduling policy; `--every-policy` runs each registered policy in turn, with
 the workload split between two tenants (4:1, the smaller one at priority 0), and prints each speed.
+`--count-bytecodes` counts the Python bytecodes one run executes: the simulator's work, unmoved by
+the machine's speed, for comparing two revisions on a noisy machine.
 """
 
 from __future__ import annotations
@@ -77,6 +79,30 @@ def every_policy(num_requests: int) -> None:
     print(f"machine speed: python -m timeit 'sum(range(10**6))' = {_sum_range_ms():.1f} ms here now")
 
 
+def count_bytecodes(cfg: SimulationConfig) -> int:
+    """Python bytecodes executed by one run of `cfg` (`sys.settrace` opcode events): a measure of the
+    simulator's work that, unlike wall time, does not move with this machine's speed. About 50x
+    slower than a plain run; compare two revisions with the same --num-requests."""
+    import numpy  # noqa: F401  (imported before tracing: the run imports it lazily)
+
+    sim = Simulation(cfg)
+    count = 0
+
+    def trace(frame, event, arg):  # noqa: ANN001, ANN202  (the sys.settrace signature)
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        sim.run()
+    finally:
+        sys.settrace(None)
+    return count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=100_000)
@@ -87,11 +113,16 @@ def main() -> None:
     ap.add_argument("--policy", default="fcfs", help="scheduling policy (a registered name or package.module:Class)")
     ap.add_argument("--every-policy", action="store_true",
                     help="one run of each registered policy on a two-tenant split of the workload")
+    ap.add_argument("--count-bytecodes", action="store_true",
+                    help="count the Python bytecodes one run executes (use a few thousand requests)")
     args = ap.parse_args()
     if args.every_policy:
         every_policy(args.num_requests)
         return
     cfg = config(args.num_requests, args.policy)
+    if args.count_bytecodes:
+        print(f"{count_bytecodes(cfg)} Python bytecodes executed by one run of {args.num_requests} requests")
+        return
     if args.profile:
         sim = Simulation(cfg)
         cProfile.runctx("sim.run()", globals(), {"sim": sim}, "/tmp/sim_speed.prof")
