@@ -2,19 +2,10 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_actions import actions, run_actions
 
 from sagellm.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerLimits, StepResult
 from sagellm.core.policies.eviction import EVICTION_POLICIES
-
-actions = st.lists(
-    st.one_of(
-        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12)),
-        st.tuples(st.just("abort"), st.integers(0, 30), st.just(0)),
-        st.tuples(st.just("step"), st.integers(0, 3), st.just(0)),
-    ),
-    min_size=1,
-    max_size=80,
-)
 
 
 @settings(max_examples=150, deadline=None)
@@ -27,38 +18,7 @@ actions = st.lists(
 )
 def test_every_block_free_or_owned_once(actions, num_blocks, block_size, budget, seqs):
     kv = KVCacheManager(num_blocks, block_size)
-    s = Scheduler(kv, SchedulerLimits(seqs, budget, max_model_len=10_000))
-    added = []
-    now = 0.0
-    for kind, a, b in actions:
-        now += 1.0
-        if kind == "add":
-            rid = f"r{len(added)}"
-            prompt = [1 + (i % 50) for i in range(min(a, s.max_model_len - 1))]
-            s.add_request(Request(rid, prompt, SamplingParams(max_new_tokens=b), now, eos_token_ids=(0,)))
-            added.append(rid)
-        elif kind == "abort" and added:
-            s.abort_request(added[a % len(added)], now)
-        elif kind == "step":
-            out = s.schedule(now)
-            assert out.num_batched_tokens <= budget
-            assert len(out.scheduled) <= seqs
-            # eos (token 0) every few steps exercises early stops
-            res = StepResult(out.step_id, {x.request_id: (0 if a == 0 else 3) for x in out.scheduled if x.samples})
-            s.update(out, res, now)
-        kv.check_invariants()
-        # only running requests own blocks; waiting (and preempted) ones own none
-        assert set(kv.owners()) <= {r.request_id for r in s.running}
-    # drain: every request finishes and all blocks come back
-    for _ in range(5000):
-        if not s.has_unfinished():
-            break
-        now += 1.0
-        out = s.schedule(now)
-        s.update(out, StepResult(out.step_id, {x.request_id: 3 for x in out.scheduled if x.samples}), now)
-        kv.check_invariants()
-    assert not s.has_unfinished()
-    assert kv.num_free_blocks == num_blocks
+    run_actions(Scheduler(kv, SchedulerLimits(seqs, budget, max_model_len=10_000)), kv, actions, budget, seqs)
 
 
 @settings(max_examples=120, deadline=None)
@@ -94,7 +54,7 @@ def test_prefix_caching_and_tiers_never_leak_or_misread(actions, num_blocks, blo
     rng = random.Random(0)
     added = []
     now = 0.0
-    for kind, a, b in actions:
+    for kind, a, b, _ in actions:
         now += 1.0
         if kind == "add":
             rid = f"r{len(added)}"

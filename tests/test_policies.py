@@ -10,6 +10,7 @@ import pytest
 from engine_loop import FixedFakeExecutor, engine_loop_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_actions import actions, run_actions
 
 from sagellm.config import ConfigError, SageLLMConfig
 from sagellm.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerLimits, StepResult
@@ -81,13 +82,6 @@ def test_the_steady_decode_fast_path_is_on_only_for_arrival_order() -> None:
 
 # ---- no leaked or doubly owned block under any policy -----------------------------------------------
 
-actions = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2)),
-    st.tuples(st.just("abort"), st.integers(0, 30), st.just(0), st.just(0)),
-    st.tuples(st.just("step"), st.integers(0, 3), st.just(0), st.just(0)),
-), min_size=1, max_size=60)
-
-
 @pytest.mark.parametrize("policy, args", EVERY_POLICY, ids=POLICY_IDS)
 def test_no_block_leaks_under_any_policy(policy: str, args: dict | None) -> None:
     @settings(max_examples=40, deadline=None)
@@ -97,33 +91,7 @@ def test_no_block_leaks_under_any_policy(policy: str, args: dict | None) -> None
         kv = KVCacheManager(num_blocks, block_size)
         s = Scheduler(kv, SchedulerLimits(seqs, budget, max_model_len=10_000),
                       policy=make_scheduling_policy(policy, args))
-        added: list[str] = []
-        now = 0.0
-        for kind, a, b, c in actions:
-            now += 1.0
-            if kind == "add":
-                rid = f"r{len(added)}"
-                prompt = [1 + (i % 50) for i in range(min(a, s.max_model_len - 1))]
-                s.add_request(Request(rid, prompt, SamplingParams(max_new_tokens=b), now, eos_token_ids=(0,),
-                                      tenant=("batch", "interactive", "other")[c], priority=c))
-                added.append(rid)
-            elif kind == "abort" and added:
-                s.abort_request(added[a % len(added)], now)
-            elif kind == "step":
-                out = s.schedule(now)
-                assert out.num_batched_tokens <= budget and len(out.scheduled) <= seqs
-                s.update(out, StepResult(out.step_id, {x.request_id: (0 if a == 0 else 3)
-                                                       for x in out.scheduled if x.samples}), now)
-            kv.check_invariants()
-            assert set(kv.owners()) <= {r.request_id for r in s.running}
-        for _ in range(5000):
-            if not s.has_unfinished():
-                break
-            now += 1.0
-            out = s.schedule(now)
-            s.update(out, StepResult(out.step_id, {x.request_id: 3 for x in out.scheduled if x.samples}), now)
-            kv.check_invariants()
-        assert not s.has_unfinished() and kv.num_free_blocks == num_blocks
+        run_actions(s, kv, actions, budget, seqs)
 
     run()
 
