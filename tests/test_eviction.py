@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from engine_loop import FixedFakeExecutor, engine_loop_outputs
+from registries import every_policy
 
 from sagellm.config import ConfigError
 from sagellm.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerLimits, StepResult
@@ -18,8 +19,7 @@ from simulator.cost.base import ConstantCostModel
 from simulator.sim import Simulation
 
 USER_EVICTION = "examples.policies.most_recent:MostRecentlyUsed"
-EVERY_EVICTION = [(name, None) for name in EVICTION_POLICIES.names()] + [(USER_EVICTION, {"protect_hits": 2})]
-EVICTION_IDS = [name.split(":")[-1] for name, _ in EVERY_EVICTION]
+EVERY_EVICTION, EVICTION_IDS = every_policy(EVICTION_POLICIES, USER_EVICTION, {"protect_hits": 2})
 
 PREFIXED = {
     "num_requests": 160, "seed": 9,

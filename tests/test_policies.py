@@ -10,6 +10,7 @@ import pytest
 from engine_loop import FixedFakeExecutor, engine_loop_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registries import every_policy
 from scheduler_actions import actions, run_actions
 
 from sagellm.config import ConfigError, SageLLMConfig
@@ -21,8 +22,7 @@ from simulator.sim import Simulation
 
 USER_POLICY = "examples.policies.deadline:EarliestDeadlineFirst"
 USER_ARGS = {"ttft_targets_s": {"interactive": 0.05, "batch": 2.0}}
-EVERY_POLICY = [(name, None) for name in SCHEDULING_POLICIES.names()] + [(USER_POLICY, USER_ARGS)]
-POLICY_IDS = [name.split(":")[-1] for name, _ in EVERY_POLICY]
+EVERY_POLICY, POLICY_IDS = every_policy(SCHEDULING_POLICIES, USER_POLICY, USER_ARGS)
 
 TWO_TENANTS = {
     "num_requests": 150, "seed": 5,

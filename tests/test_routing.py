@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from engine_loop import FixedFakeExecutor, cluster_loop_outputs
+from registries import every_policy
 
 from sagellm.config import ConfigError
 from sagellm.core.policies import ROUTERS, ClusterView, PolicyError, make_router
@@ -16,8 +17,7 @@ from simulator.cost.base import ConstantCostModel
 from simulator.sim import Simulation
 
 USER_ROUTER = "examples.policies.tenant_home:TenantHome"
-EVERY_ROUTER = [(name, None) for name in ROUTERS.names()] + [(USER_ROUTER, {"spill_at": 3})]
-ROUTER_IDS = [name.split(":")[-1] for name, _ in EVERY_ROUTER]
+EVERY_ROUTER, ROUTER_IDS = every_policy(ROUTERS, USER_ROUTER, {"spill_at": 3})
 
 CHATS = {
     "num_requests": 120, "seed": 3,
