@@ -68,12 +68,17 @@ def side_table(run: RunData, metrics: tuple[str, ...] | list[str] = METRICS) -> 
     return pd.DataFrame(rows)
 
 
+def _other_keys(table: pd.DataFrame, key: str) -> list[str]:
+    """The sweep keys of a side table other than `key`: points equal in them form one group."""
+    return [c for c in table.columns if c not in (key, "point", "live_repeats")
+            and not c.endswith(("_sim", "_live", "_spread"))]
+
+
 def rank_checks(table: pd.DataFrame, key: str, metrics: tuple[str, ...] | list[str] = METRICS) -> list[RankCheck]:
     """For each group of points that differ only in `key` (other sweep keys equal) and each metric:
     the pairs whose live medians differ by more than their spreads, and whether the simulator orders
     each such pair as measured."""
-    others = [c for c in table.columns if c not in (key, "point", "live_repeats")
-              and not c.endswith(("_sim", "_live", "_spread"))]
+    others = _other_keys(table, key)
     groups = table.groupby(others, sort=True) if others else [((), table)]
     checks = []
     for values, frame in groups:
@@ -99,8 +104,7 @@ def baseline_ratios(table: pd.DataFrame, key: str, baseline: str,
     """Per point and metric: the simulator's ratio to the baseline policy's point with the same other
     sweep values (`predicted`), the live medians' ratio (`measured`), and predicted / measured - 1
     (`error`)."""
-    others = [c for c in table.columns if c not in (key, "point", "live_repeats")
-              and not c.endswith(("_sim", "_live", "_spread"))]
+    others = _other_keys(table, key)
     rows = []
     for _, row in table.iterrows():
         match = table[table[key] == baseline]
