@@ -182,8 +182,8 @@ class SteadyDecodes:
     def record(self, sampled: dict[str, int], now: float) -> None:
         """One step's update: its sampled tokens (every member's among them) and its time."""
         self._tokens.append(sampled)
-        values = set(sampled.values())
-        self._same.append(values.pop() if len(values) == 1 else None)
+        values = list(sampled.values())
+        self._same.append(values[0] if values and values.count(values[0]) == len(values) else None)
         self._times.append(now)
         self.step += 1
         if self.step % _TRIM_EVERY == 0:

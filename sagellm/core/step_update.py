@@ -73,7 +73,7 @@ class StepUpdate:
         running_status = RequestStatus.RUNNING
         if result.failed_request_ids or result.failed_blocks:
             self._recompute_failed(result, now)
-        caching, bs = self.caching, self.kv.block_size
+        caching, bs, hooks = self.caching, self.kv.block_size, self._hooks
         for rid, start, toks, sampled_here in zip(request_ids, starts, token_ids, samples):
             req = requests.get(rid)
             if req is None or req.status is not running_status:
@@ -81,7 +81,7 @@ class StepUpdate:
             computed = req.num_computed_tokens = start + len(toks)
             if caching and computed // bs != start // bs:
                 self.kv.cache_computed(rid, self._hashes(req, computed), computed)
-            if self._hooks:
+            if hooks:
                 prompt = req.num_prompt_tokens
                 self.policy.on_service(req, max(0, min(computed, prompt) - start), 1 if sampled_here else 0)
             if not sampled_here:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import asdict, dataclass, fields, replace
-from itertools import islice
+from itertools import chain, islice
 from operator import sub
 
 from sagellm.core.request import Request
@@ -93,8 +93,8 @@ def inter_token_gaps(token_times: list[float]) -> list[float]:
 class MetricsCollector:
     """Accumulates finished requests' records and every inter-token latency of a run.
 
-    `add` keeps a reference to the finished request and copies its token times into one flat
-    array; the records and the gaps between tokens are computed in bulk (numpy) for up to
+    `add` keeps a reference to the finished request; its token times are read into one flat array
+    and the records and the gaps between tokens are computed in bulk (numpy) for up to
     `FLUSH_EVERY` requests at a time, when that many are pending or when `records` or
     `inter_token_latencies` is read. The values are those of `RequestRecord.from_request`
     (the same float subtractions), at a fraction of the per-request cost. Side effects of `add`:
@@ -109,10 +109,10 @@ class MetricsCollector:
         self._records: list[RequestRecord] = []
         self._itl = array("d")
         self._pending: list[tuple[Request, int]] = []
-        self._pending_times = array("d")
         self.kv_usage: list[tuple[float, float, int, int]] = []
         self.kv_sample_interval = kv_sample_interval
-        self._next_kv_sample = float("-inf")
+        # `sample_kv` keeps a sample at or after this time (callers may test it to skip the call)
+        self.next_kv_sample = float("-inf")
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -143,16 +143,17 @@ class MetricsCollector:
 
     def add(self, req: Request, replica: int = 0) -> None:
         self._pending.append((req, replica))
-        self._pending_times.extend(req.token_times)
         if len(self._pending) >= self.FLUSH_EVERY:
             self._flush()
 
     def _flush(self) -> None:
         import numpy as np
 
-        pending, times = self._pending, self._pending_times
+        pending = self._pending
         counts = np.fromiter((len(req.token_times) for req, _ in pending), dtype=np.int64, count=len(pending))
-        diffs = np.diff(np.frombuffer(times, dtype=np.float64))
+        times = np.fromiter(chain.from_iterable(req.token_times for req, _ in pending), dtype=np.float64,
+                            count=int(counts.sum()))
+        diffs = np.diff(times)
         # diffs[k] is times[k + 1] - times[k]; drop the ones that cross from one request to the next.
         ends = np.cumsum(counts)
         keep = np.ones(len(diffs), dtype=bool)
@@ -168,9 +169,8 @@ class MetricsCollector:
         for (req, replica), n in zip(pending, counts.tolist()):
             records.append(RequestRecord.from_request(req, replica, itl_max=next(it) if n > 1 else None))
         self._pending = []
-        self._pending_times = array("d")
 
     def sample_kv(self, now: float, usage: float, running: int, waiting: int) -> None:
-        if now >= self._next_kv_sample:
+        if now >= self.next_kv_sample:
             self.kv_usage.append((now, usage, running, waiting))
-            self._next_kv_sample = now + self.kv_sample_interval
+            self.next_kv_sample = now + self.kv_sample_interval

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from itertools import repeat, starmap
+from operator import itemgetter
 
 
 class BlockPool:
@@ -44,7 +45,9 @@ class BlockPool:
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         free = self._free
-        if n <= len(free):
+        if n == 1 and free:  # the common case: a decode's next block
+            blocks = [free.popleft()]
+        elif n <= len(free):
             blocks = list(starmap(free.popleft, repeat((), n)))  # n poplefts, in C
         elif n > len(free) + len(self.evictable):
             return None
@@ -80,6 +83,15 @@ class BlockPool:
     def release(self, block_ids: list[int], now: float = 0.0) -> None:
         """Drop one reference to each block; `now` stamps blocks that become evictable."""
         refs, free, hashed = self._ref_counts, self._free, self.block_hash
+        if not hashed and len(block_ids) > 1:
+            # Nothing cached: when each block has one owner (a finished request's own table) they
+            # all go to the free list; the counts are read and the blocks appended in C.
+            counts = itemgetter(*block_ids)(refs)
+            if counts.count(1) == len(counts):
+                for b in block_ids:
+                    refs[b] = 0
+                free.extend(block_ids)
+                return
         for b in block_ids:
             count = refs[b]
             if count == 1:
