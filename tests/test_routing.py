@@ -104,12 +104,18 @@ def test_power_of_two_never_picks_the_busiest_of_three() -> None:
     assert 0 not in {router.route(REQ, _loads(9, 1, 2), 0.0) for _ in range(100)}
 
 
-def test_prefix_affinity_follows_the_cache_until_the_replica_is_overloaded() -> None:
-    router = make_router("prefix_affinity", {"max_load_ratio": 2.0, "load_slack": 2})
-    assert router.route(REQ, _loads(3, 1, cached=(2, 0)), 0.0) == 0        # 3 <= 2*1 + 2
-    assert router.route(REQ, _loads(5, 1, cached=(2, 0)), 0.0) == 1        # 5 > 2*1 + 2
-    assert router.route(REQ, _loads(2, 2, cached=(1, 3)), 0.0) == 1        # the longer prefix
+def test_prefix_affinity_follows_the_cache_unless_the_cluster_is_out_of_balance() -> None:
+    router = make_router("prefix_affinity", {"cache_threshold": 0.3, "balance_abs_threshold": 4,
+                                             "balance_rel_threshold": 1.5})
+    assert router.route(REQ, _loads(5, 1, cached=(2, 0)), 0.0) == 0        # 5 - 1 <= 4
+    assert router.route(REQ, _loads(6, 1, cached=(2, 0)), 0.0) == 1        # 6 - 1 > 4 and 6 > 1.5 * 1
+    assert router.route(REQ, _loads(16, 11, cached=(2, 0)), 0.0) == 0      # 16 <= 1.5 * 11
+    assert router.route(REQ, _loads(2, 2, cached=(2, 3)), 0.0) == 1        # the longer prefix
+    assert router.route(REQ, _loads(2, 1, cached=(1, 0)), 0.0) == 1        # 1 of 4 blocks: under 0.3
     assert router.route(REQ, _loads(4, 1, cached=(0, 0)), 0.0) == 1        # nothing cached
+    short = RouteRequest("s", num_prompt_tokens=10, num_prompt_blocks=0, max_new_tokens=8)
+    assert router.route(short, _loads(3, 1), 0.0) == 1                      # no full block to match
+    assert make_router("prefix_affinity").route(REQ, _loads(60, 0, cached=(4, 0)), 0.0) == 0  # SGLang's 64
 
 
 def test_the_prefix_index_counts_leading_blocks_and_forgets_the_least_recent() -> None:
@@ -160,7 +166,7 @@ def test_a_dotted_router_that_does_not_load_names_the_field(spec: str, match: st
 
 def test_bad_router_arguments_name_the_field() -> None:
     with pytest.raises(ConfigError, match="cluster.router_args: 'prefix_affinity' cannot be built"):
-        _config("prefix_affinity", {"max_load_ratio": 0.5})
+        _config("prefix_affinity", {"balance_rel_threshold": 0.5})
     with pytest.raises(ConfigError, match="cluster.router_args: expected a mapping"):
         _config("random", [1, 2])  # type: ignore[arg-type]
 

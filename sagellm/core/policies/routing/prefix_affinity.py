@@ -1,6 +1,6 @@
-"""Cache-aware routing: send a request where its prefix is cached, unless that replica is overloaded
-(the policy of SGLang's cache-aware router, "SGLang: Efficient Execution of Structured Language
-Model Programs", 2024, and Preble, ICLR'25)."""
+"""Cache-aware routing: send a request where its prefix is cached unless the cluster is out of
+balance (the rule of SGLang's cache-aware router, "SGLang: Efficient Execution of Structured
+Language Model Programs", NeurIPS'24, with its defaults; Preble, ICLR'25, studies the same trade)."""
 
 from __future__ import annotations
 
@@ -12,27 +12,42 @@ from sagellm.core.policies.routing.registry import ROUTERS
 
 @ROUTERS.register("prefix_affinity")
 class PrefixAffinityRouter(Router):
-    """The replica with the most of the request's leading blocks cached wins (fewest outstanding,
-    then lowest index, among equals), unless it has more than `max_load_ratio` times the
-    outstanding requests of the least loaded replica plus `load_slack`; then, or when no replica
-    has any of the prefix, the least loaded replica takes it. No state of its own: the cluster's
-    prefix index supplies `cached_blocks`."""
+    """SGLang's cache-aware rule on outstanding requests and the router's prefix index.
+
+    The cluster is *out of balance* when the most and least loaded replicas differ by more than
+    `balance_abs_threshold` outstanding requests and the most loaded has more than
+    `balance_rel_threshold` times the least loaded's; then the least loaded replica takes the
+    request. Otherwise the replica with the most of the request's leading blocks cached wins (fewest
+    outstanding, then lowest index, among equals) if that covers more than `cache_threshold` of the
+    prompt's full blocks; below that the least loaded replica takes it (SGLang picks the replica
+    whose cache holds the least, to spread the cache; here load decides). Defaults are those of
+    SGLang's router (0.3, 64, 1.5). No state of its own.
+    """
 
     uses_replica_state = True
 
-    def __init__(self, max_load_ratio: float = 2.0, load_slack: int = 2) -> None:
-        if not max_load_ratio >= 1.0:
-            raise ValueError(f"max_load_ratio must be >= 1, got {max_load_ratio!r}")
-        if not isinstance(load_slack, int) or load_slack < 0:
-            raise ValueError(f"load_slack must be an int >= 0, got {load_slack!r}")
-        self.max_load_ratio = max_load_ratio
-        self.load_slack = load_slack
+    def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
+                 balance_rel_threshold: float = 1.5) -> None:
+        if not 0.0 <= cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold!r}")
+        if not isinstance(balance_abs_threshold, int) or balance_abs_threshold < 0:
+            raise ValueError(f"balance_abs_threshold must be an int >= 0, got {balance_abs_threshold!r}")
+        if not balance_rel_threshold >= 1.0:
+            raise ValueError(f"balance_rel_threshold must be >= 1, got {balance_rel_threshold!r}")
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+
+    def out_of_balance(self, replicas: Sequence[ReplicaLoad]) -> bool:
+        most = max(r.outstanding for r in replicas)
+        least = min(r.outstanding for r in replicas)
+        return most - least > self.balance_abs_threshold and most > least * self.balance_rel_threshold
 
     def route(self, request: RouteRequest, replicas: Sequence[ReplicaLoad], now: float) -> int:
         least = least_loaded(replicas)
+        if self.out_of_balance(replicas) or not request.num_prompt_blocks:
+            return least.index
         best = min(replicas, key=lambda r: (-r.cached_blocks, r.outstanding, r.index))
-        if best.cached_blocks == 0:
-            return least.index
-        if best.outstanding > self.max_load_ratio * least.outstanding + self.load_slack:
-            return least.index
-        return best.index
+        if best.cached_blocks / request.num_prompt_blocks > self.cache_threshold:
+            return best.index
+        return least.index
