@@ -8,13 +8,17 @@ azure_conv prompts are longer) and outputs at 1,024 (none are longer).
 
     python benchmarks/sim_speed.py [--num-requests N] [--repeats R] [--profile] [--compare-plain]
                                    [--policy NAME] [--every-policy] [--count-bytecodes]
+                                   [--against DIR [--pairs P]]
 
 `--compare-plain` alternates each run with one whose schedulers run the plain per-request loop
 (no deferred steady decodes): same decisions and results, and the ratio of the two speeds.
 `--policy` runs another scheduling policy; `--every-policy` runs each registered policy in turn, with
 the workload split between two tenants (4:1, the smaller one at priority 0), and prints each speed.
 `--count-bytecodes` counts the Python bytecodes one run executes: the simulator's work, unmoved by
-the machine's speed, for comparing two revisions on a noisy machine.
+the machine's speed, for comparing two revisions on a noisy machine. `--against DIR` times this
+checkout against another one (`git worktree add DIR REV`) in one process: P pairs of runs, the two
+in alternating order, and prints each pair's speed ratio and their median (`--against .` gives the
+noise floor: this checkout against a second copy of itself).
 """
 
 from __future__ import annotations
@@ -79,6 +83,61 @@ def every_policy(num_requests: int) -> None:
     print(f"machine speed: python -m timeit 'sum(range(10**6))' = {_sum_range_ms():.1f} ms here now")
 
 
+_PACKAGES = ("sagellm", "simulator", "sim_speed")
+
+
+def _modules_of(root: Path) -> tuple[dict, object]:
+    """Import the simulator and this benchmark's `config` from the checkout at `root` as fresh
+    module objects: (those modules, its `config` function). `sys.modules` is left as it was."""
+    import importlib
+
+    mine = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+    for k in mine:
+        del sys.modules[k]
+    sys.path[:0] = [str(root), str(root / "benchmarks")]
+    try:
+        bench = importlib.import_module("sim_speed")
+        importlib.import_module("simulator.sim")
+        theirs = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+    finally:
+        del sys.path[:2]
+        for k in [k for k in sys.modules if k.split(".")[0] in _PACKAGES]:
+            del sys.modules[k]
+        sys.modules.update(mine)
+    return theirs, bench.config
+
+
+def _activate(modules: dict) -> None:
+    """Make `modules` the ones imports resolve to (a run imports some modules lazily)."""
+    for k in [k for k in sys.modules if k.split(".")[0] in _PACKAGES]:
+        del sys.modules[k]
+    sys.modules.update(modules)
+
+
+def against(other: Path, num_requests: int, pairs: int) -> None:
+    """Alternate runs of this checkout and the one at `other`, in one process; print the ratios."""
+    import gc
+
+    sides = [_modules_of(ROOT), _modules_of(other.resolve())]
+    mine_now = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+    ratios = []
+    for p in range(pairs):
+        rates = [0.0, 0.0]
+        for side in ((0, 1) if p % 2 == 0 else (1, 0)):
+            modules, make_config = sides[side]
+            _activate(modules)
+            result = modules["simulator.sim"].Simulation(make_config(num_requests)).run()
+            rates[side] = len(result.records) / result.wall_seconds
+            del result
+            gc.collect()
+        ratios.append(rates[0] / rates[1])
+        print(f"pair {p + 1}: this checkout {rates[0]:.0f}, {other} {rates[1]:.0f} simulated req per wall-second, "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    _activate(mine_now)
+    print(f"this checkout / {other}: median {statistics.median(ratios):.3f} over {pairs} pairs "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); {num_requests} requests per run")
+
+
 def count_bytecodes(cfg: SimulationConfig) -> int:
     """Python bytecodes executed by one run of `cfg` (`sys.settrace` opcode events): a measure of the
     simulator's work that, unlike wall time, does not move with this machine's speed. About 50x
@@ -115,7 +174,13 @@ def main() -> None:
                     help="one run of each registered policy on a two-tenant split of the workload")
     ap.add_argument("--count-bytecodes", action="store_true",
                     help="count the Python bytecodes one run executes (use a few thousand requests)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="time this checkout against the checkout in DIR, alternating in one process")
+    ap.add_argument("--pairs", type=int, default=12, help="pairs of runs with --against")
     args = ap.parse_args()
+    if args.against is not None:
+        against(args.against, args.num_requests, args.pairs)
+        return
     if args.every_policy:
         every_policy(args.num_requests)
         return

@@ -603,7 +603,7 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
     """Calibrate this machine for each (model, dtype) that a `local` point needs and lacks."""
     from simulator.build import resolve_shape
     from simulator.commands import calibrate
-    from simulator.cost.profiled import find_local_profile
+    from simulator.cost.machine import find_local_profile
 
     seen = set()
     for point in cfg.points:
@@ -630,7 +630,7 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
 
 
 def _manifest(cfg: ExperimentConfig) -> dict[str, Any]:
-    from simulator.cost.profiled import machine_identity
+    from simulator.cost.machine import machine_identity
 
     versions = {}
     for name in PACKAGES:

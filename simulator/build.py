@@ -86,7 +86,8 @@ def build_cost_model(hardware: str, shape: ModelShape, sagellm: SageLLMConfig, b
     """(cost model, roofline spec or None for a calibrated profile of this machine). A profile
     prices serving steps with the serving factors timed under the config's schedule mode, if it
     has them (`ProfiledCostModel.use_mode`)."""
-    from simulator.cost.profiled import ProfiledCostModel, find_local_profile, model_key
+    from simulator.cost.machine import find_local_profile, model_key
+    from simulator.cost.profiled import ProfiledCostModel
 
     dtype = sagellm.model.dtype
     mode = sagellm.scheduler.schedule_mode.value

@@ -309,7 +309,8 @@ def calibrate(config, repeats: int = 5, quick: bool = False, output_dir: Path | 
     from sagellm.backends.cpu_time import CpuTimes, steal_fraction
     from sagellm.engine import SageLLMEngine
     from sagellm.engine.calibration import default_grid, measure
-    from simulator.cost.profiled import PROFILE_DIR, ProfiledCostModel, machine_identity, profile_id
+    from simulator.cost.machine import PROFILE_DIR, machine_identity, profile_id
+    from simulator.cost.profiled import ProfiledCostModel
 
     engine = SageLLMEngine(config).initialize()
     cpu_before = CpuTimes.read()

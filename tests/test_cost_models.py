@@ -394,17 +394,64 @@ def test_the_vector_isa_is_the_widest_the_cpu_flags_list(flags, isa):
     assert cpu_vector_isa(["processor\t: 0\n", "Features\t: fp asimd sve\n"]) == "sve"  # arm64 names them Features
 
 
+def _pretend_machine(monkeypatch, isa: str = "avx512", family: str = "25", model: str = "17",
+                     flags: tuple[str, ...] = ("avx2", "avx512f")) -> None:
+    import simulator.cost.machine as machine
+
+    monkeypatch.setattr(machine, "cpu_vector_isa", lambda: isa)
+    monkeypatch.setattr(machine, "cpu_model_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(machine, "cpu_identity", lambda: {"vendor": "AuthenticAMD", "family": family,
+                                                          "model": model, "stepping": "1", "flags": list(flags)})
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+
+
 def test_a_machine_that_hides_avx512_gets_a_profile_of_its_own(monkeypatch):
     """The same CPU model with and without AVX-512 runs steps at different speeds (seen on this
-    project's AMD EPYC VMs), so 'local' must not price one with the other's profile."""
-    import simulator.cost.profiled as profiled
+    project's AMD EPYC VMs), so 'local' must not price one with the other's profile; nor may
+    another model of the same name and family."""
+    import simulator.cost.machine as machine
 
     ids = {}
     for isa in ("avx512", "avx2", ""):
-        monkeypatch.setattr(profiled, "cpu_vector_isa", lambda isa=isa: isa)
-        monkeypatch.setattr(profiled, "cpu_model_name", lambda: "AMD EPYC")
-        monkeypatch.setattr(profiled.os, "cpu_count", lambda: 2)
-        ids[isa] = profiled.profile_id(SHAPE, "float32")
-        assert profiled.machine_identity()["isa"] == isa
-    assert ids["avx512"].startswith("cpu-amd-epyc-avx512-2c__") and ids["avx2"].startswith("cpu-amd-epyc-avx2-2c__")
-    assert ids[""].startswith("cpu-amd-epyc-2c__") and len(set(ids.values())) == 3
+        _pretend_machine(monkeypatch, isa=isa)
+        ids[isa] = machine.profile_id(SHAPE, "float32")
+        assert machine.machine_identity()["isa"] == isa
+    assert ids["avx512"].startswith("cpu-amd-epyc-f25m17-avx512-2c__")
+    assert ids["avx2"].startswith("cpu-amd-epyc-f25m17-avx2-2c__")
+    assert ids[""].startswith("cpu-amd-epyc-f25m17-2c__") and len(set(ids.values())) == 3
+    _pretend_machine(monkeypatch, model="160")
+    assert machine.profile_id(SHAPE, "float32").startswith("cpu-amd-epyc-f25m160-avx512-2c__")
+
+
+def test_the_cpu_identity_reads_vendor_family_model_and_the_flags_that_select_kernels():
+    from sagellm.backends.cpuinfo import cpu_identity
+
+    x86 = ["processor\t: 0\n", "vendor_id\t: GenuineIntel\n", "cpu family\t: 6\n", "model\t\t: 143\n",
+           "model name\t: Intel(R) Xeon(R) Processor\n", "stepping\t: 8\n",
+           "flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 sse2\n", "\n",
+           "processor\t: 1\n", "cpu family\t: 99\n"]
+    assert cpu_identity(x86) == {"vendor": "GenuineIntel", "family": "6", "model": "143", "stepping": "8",
+                                 "flags": ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
+    arm = ["processor\t: 0\n", "Features\t: fp asimd sve\n", "CPU implementer\t: 0x41\n",
+           "CPU variant\t: 0x1\n", "CPU part\t: 0xd40\n"]
+    assert cpu_identity(arm) == {"flags": ["asimd", "sve"], "vendor": "0x41", "stepping": "0x1", "model": "0xd40"}
+
+
+def test_a_profile_timed_on_another_machine_is_refused_naming_both(monkeypatch, tmp_path):
+    """A profile found by name but recorded on another CPU model, with other kernel-selecting
+    flags, or recording no model at all, is not used: the error names both machines and the fix."""
+    import simulator.cost.machine as machine
+    from sagellm.config import ConfigError
+
+    _pretend_machine(monkeypatch)
+    here = machine.machine_identity()
+    path = tmp_path / f"{machine.profile_id(SHAPE, 'float32')}.json"
+    path.write_text(json.dumps({"machine": here}))
+    assert machine.find_local_profile(SHAPE, "float32", tmp_path) == path
+    for other in ({**here, "model": "160"}, {**here, "flags": ["avx2"]},
+                  {"cpu": "AMD EPYC", "isa": "avx512", "cpu_count": 2, "system": "Linux"}):
+        path.write_text(json.dumps({"machine": other}))
+        with pytest.raises(ConfigError, match=r"calibrated on another machine \(AMD EPYC.*than this one \(AMD EPYC, "
+                                              r"AuthenticAMD, family 25 model 17, flags avx2 avx512f, 2 cores.*"
+                                              r"sagellm calibrate --dtype float32"):
+            machine.find_local_profile(SHAPE, "float32", tmp_path)

@@ -37,3 +37,31 @@ def cpu_vector_isa(lines: list[str] | None = None) -> str:
             flags = set(line.split(":", 1)[1].split())
             break
     return next((isa for isa, flag in _VECTOR_ISAS if flag in flags), "")
+
+
+# Flags whose presence changes which kernels the math libraries run (and so a step's speed).
+MATTERING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+                   "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+_ID_FIELDS = (("vendor_id", "vendor"), ("CPU implementer", "vendor"), ("cpu family", "family"),
+              ("model", "model"), ("CPU part", "model"), ("stepping", "stepping"), ("CPU variant", "stepping"))
+
+
+def cpu_identity(lines: list[str] | None = None) -> dict[str, str | list[str]]:
+    """The first CPU's vendor, family, model and stepping as /proc/cpuinfo gives them (x86:
+    vendor_id, cpu family, model, stepping; arm64: CPU implementer, part, variant), and which of
+    `MATTERING_FLAGS` it lists (`flags`). Fields it does not list are left out."""
+    ident: dict[str, str | list[str]] = {}
+    for line in _cpuinfo_lines() if lines is None else lines:
+        if ":" not in line:
+            if ident:
+                break  # the end of the first processor's block
+            continue
+        key, value = (part.strip() for part in line.split(":", 1))
+        for source, name in _ID_FIELDS:
+            if key == source and name not in ident:
+                ident[name] = value
+        if key in ("flags", "Features") and "flags" not in ident:
+            present = set(value.split())
+            ident["flags"] = [f for f in MATTERING_FLAGS if f in present]
+    return ident

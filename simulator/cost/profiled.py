@@ -26,8 +26,6 @@ A profile is two files in `simulator/hardware/profiles/`: `<id>.csv` (the sample
 from __future__ import annotations
 
 import json
-import os
-import platform
 import random
 import statistics
 from bisect import bisect_right
@@ -35,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm.backends.cpuinfo import cpu_model_name, cpu_vector_isa
 from sagellm.config import ConfigError
 from sagellm.core.outputs import SchedulerOutput
 from sagellm.graph import BatchShape, step_operators
 from sagellm.graph.batch import batch_vector
 from sagellm.models.shape import ModelShape
+from simulator.cost.machine import model_key
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware" / "profiles"
 KNOTS = (*range(1, 17), 32, 64, 128, 256, 512)
 OTHER_FEATURES = ("lm_head_flops", "attention_flops", "kv_bytes", "prefill_chunks", "decodes")
 
@@ -153,32 +150,6 @@ def features(shape: ModelShape, dtype: str, batch: BatchShape, knots: tuple[int,
 
 def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
-
-
-def machine_identity() -> dict[str, Any]:
-    """This machine as profiles record it (standard library only, so lookups need no torch):
-    the CPU's name, its widest vector instruction set (`isa`), core count and OS."""
-    return {"cpu": cpu_model_name(), "isa": cpu_vector_isa(), "cpu_count": os.cpu_count(),
-            "system": platform.system()}
-
-
-def model_key(shape: ModelShape) -> str:
-    return (f"{shape.architecture}-L{shape.num_layers}-H{shape.hidden_size}-I{shape.intermediate_size}"
-            f"-KV{shape.num_kv_heads}-V{shape.vocab_size}")
-
-
-def profile_id(shape: ModelShape, dtype: str, device: str = "cpu", threads: int | None = None) -> str:
-    """The profile's name: device, CPU, its vector instruction set, core count, and `-<n>t` when
-    it was timed with `threads` threads other than one per core (a worker of a multi-process
-    cluster runs one thread). The instruction set is part of the name because one CPU model runs
-    the same step at another speed where a VM hides its AVX-512 (seen on this project's AMD EPYC)."""
-    ident = machine_identity()
-    cpu = "".join(ch if ch.isalnum() else "-" for ch in ident["cpu"].lower()).strip("-")
-    cpu = "-".join(p for p in cpu.split("-") if p)[:40]
-    if ident["isa"]:
-        cpu = f"{cpu}-{ident['isa']}"
-    suffix = f"-{threads}t" if threads and threads != ident["cpu_count"] else ""
-    return f"{device}-{cpu}-{ident['cpu_count']}c{suffix}__{model_key(shape)}__{dtype}"
 
 
 @dataclass(frozen=True)
@@ -478,18 +449,3 @@ def _shape_dict(shape: ModelShape) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(shape)
-
-
-def find_local_profile(shape: ModelShape, dtype: str, directory: Path = PROFILE_DIR,
-                       threads: int | None = None) -> Path:
-    """The profile of this machine for this model, dtype and thread count (None: one thread per
-    core); ConfigError naming the fix if none."""
-    path = Path(directory) / f"{profile_id(shape, dtype, threads=threads)}.json"
-    flag = f" --threads {threads}" if threads else ""
-    if path.exists():
-        return path
-    known = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).exists() else []
-    raise ConfigError(
-        f"hardware: 'local' needs a calibrated profile of this machine for {model_key(shape)} in {dtype} "
-        f"({path.name} in {directory}); run `sagellm calibrate --dtype {dtype}{flag}` first. Profiles present: {known}"
-    )
