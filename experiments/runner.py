@@ -617,11 +617,12 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
         seen.add(key)
         try:
             find_local_profile(shape, sim.sagellm.model.dtype, threads=sim.sagellm.backend.num_threads)
-        except ConfigError:
+        except ConfigError as exc:
             if not cfg.calibrate:
                 raise
-            echo(f"no calibrated profile of this machine for {shape.name or 'the model'} in "
-                 f"{sim.sagellm.model.dtype}: calibrating (a few minutes, once)")
+            reason = "from another machine" if "another machine" in str(exc) else "none yet"
+            echo(f"calibrating this machine for {shape.name or 'the model'} in {sim.sagellm.model.dtype} "
+                 f"(a few minutes, once): its profile: {reason}. {exc}")
             engine_cfg = sim.sagellm
             if sim.model is not None:
                 engine_cfg = engine_cfg.replace(model={"model_id": str(_model_path(sim))})
