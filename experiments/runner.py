@@ -603,7 +603,7 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
     """Calibrate this machine for each (model, dtype) that a `local` point needs and lacks."""
     from simulator.build import resolve_shape
     from simulator.commands import calibrate
-    from simulator.cost.machine import find_local_profile
+    from simulator.cost.machine import ProfileFromAnotherMachine, find_local_profile
 
     seen = set()
     for point in cfg.points:
@@ -620,7 +620,7 @@ def _ensure_profiles(cfg: ExperimentConfig, echo: Callable[[str], None]) -> None
         except ConfigError as exc:
             if not cfg.calibrate:
                 raise
-            reason = "from another machine" if "another machine" in str(exc) else "none yet"
+            reason = "from another machine" if isinstance(exc, ProfileFromAnotherMachine) else "none yet"
             echo(f"calibrating this machine for {shape.name or 'the model'} in {sim.sagellm.model.dtype} "
                  f"(a few minutes, once): its profile: {reason}. {exc}")
             engine_cfg = sim.sagellm

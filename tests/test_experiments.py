@@ -520,3 +520,34 @@ def test_the_example_policy_runs_by_dotted_path_on_both_sides(tmp_path, monkeypa
     assert {"tenant_interactive_ttft_mean", "tenant_batch_ttft_mean"} <= set(summary.columns)
     live = pd.read_parquet(run_dir / "points" / "000" / "live-0" / "requests.parquet")
     assert set(live["tenant"]) == {"batch", "interactive"}
+
+
+def test_a_profile_from_another_machine_makes_the_experiment_calibrate_and_say_why(monkeypatch, tmp_path):
+    """The shipped profile of this machine's name, but recorded on another CPU model: with
+    `calibrate: true` the experiment calibrates this machine first and says why (calibration
+    itself, minutes long, is replaced by a recorder)."""
+    import json
+    from types import SimpleNamespace
+
+    import simulator.commands as commands
+    import simulator.cost.machine as machine
+    from experiments.runner import _ensure_profiles
+    from simulator.build import resolve_shape
+
+    cfg = ExperimentConfig.from_dict({
+        "name": "t", "hardware": "local", "sides": ["simulate"], "calibrate": True,
+        "sagellm": {"model": {"dtype": "float32"}, "backend": {"num_threads": 1}}, "workload": WORKLOAD})
+    sim = cfg.points[0].simulation
+    shape = resolve_shape(sim.model, sim.sagellm, sim.base_dir)
+    other = {**machine.machine_identity(), "family": "6", "model": "143", "vendor": "GenuineIntel"}
+    (tmp_path / f"{machine.profile_id(shape, 'float32', threads=1)}.json").write_text(json.dumps({"machine": other}))
+    real = machine.find_local_profile
+    monkeypatch.setattr(machine, "find_local_profile",
+                        lambda shape, dtype, threads=None: real(shape, dtype, tmp_path, threads))
+    calibrated = []
+    monkeypatch.setattr(commands, "calibrate", lambda engine_cfg: calibrated.append(engine_cfg)
+                        or (tmp_path / "new.json", None, SimpleNamespace(median_error=0.01), 0))
+    said: list[str] = []
+    _ensure_profiles(cfg, said.append)
+    assert len(calibrated) == 1
+    assert "its profile: from another machine" in said[0] and "GenuineIntel, family 6 model 143" in said[0]

@@ -26,6 +26,10 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware" / "profiles"
 IDENTITY_KEYS = ("vendor", "family", "model", "isa", "flags", "cpu_count")
 
 
+class ProfileFromAnotherMachine(ConfigError):
+    """The profile found for this machine by name was timed on another machine (its message names both)."""
+
+
 def machine_identity() -> dict[str, Any]:
     """This machine as profiles record it: the CPU's name, vendor, family, model, stepping, the
     kernel-selecting flags it has (`flags`), its widest vector instruction set (`isa`), core count
@@ -97,7 +101,7 @@ def find_local_profile(shape: ModelShape, dtype: str, directory: Path = PROFILE_
     current = machine_identity()
     differ = identity_differences(recorded if isinstance(recorded, dict) else {}, current)
     if differ:
-        raise ConfigError(
+        raise ProfileFromAnotherMachine(
             f"hardware: the profile {path.name} was calibrated on another machine ({describe_machine(recorded)}) "
             f"than this one ({describe_machine(current)}; they differ in {', '.join(differ)}): its step times "
             f"do not price this machine; {fix}")
