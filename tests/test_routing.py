@@ -116,6 +116,10 @@ def test_prefix_affinity_follows_the_cache_unless_the_cluster_is_out_of_balance(
     short = RouteRequest("s", num_prompt_tokens=10, num_prompt_blocks=0, max_new_tokens=8)
     assert router.route(short, _loads(3, 1), 0.0) == 1                      # no full block to match
     assert make_router("prefix_affinity").route(REQ, _loads(60, 0, cached=(4, 0)), 0.0) == 0  # SGLang's 64
+    # a new prefix goes where the router's index holds the least, as SGLang's smallest tree
+    spread = [ReplicaLoad(0, 0, indexed_blocks=50), ReplicaLoad(1, 3, indexed_blocks=10),
+              ReplicaLoad(2, 3, indexed_blocks=10)]
+    assert router.route(REQ, spread, 0.0) == 1
 
 
 def test_the_prefix_index_counts_leading_blocks_and_forgets_the_least_recent() -> None:
@@ -143,7 +147,7 @@ def test_the_view_reports_cached_blocks_only_with_prefix_caching_and_state_route
         req = RouteRequest("r", 19, 4, 8)
         view.route(req, prompt, [0, 0], None, 0.0)
         view.route(req, prompt[:10], [0, 1], [True, True], 1.0)
-        assert seen[-1][1] == ReplicaLoad(1, 1, 7, 0.25, 2 if caching else 0)
+        assert seen[-1][1] == ReplicaLoad(1, 1, 7, 0.25, 2 if caching else 0, 4 if caching else 0)
 
 
 # ---- bad routers ------------------------------------------------------------------------------

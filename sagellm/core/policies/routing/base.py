@@ -28,8 +28,10 @@ class ReplicaLoad:
     `kv_usage` (fraction of its device KV blocks in use) at the end of each of its steps, so they are
     as of its latest step. `cached_blocks` is how many of this request's leading prompt blocks the
     router's prefix index places on the replica (what earlier requests sent there brought, within
-    its KV capacity, least recently routed forgotten first), 0 without prefix caching. The last three
-    are filled only for a router whose `uses_replica_state` is true (0 otherwise).
+    its KV capacity, least recently routed forgotten first), 0 without prefix caching, and
+    `indexed_blocks` how many blocks that index holds for the replica in all (the size of the
+    router's picture of its cache). The last four are filled only for a router whose
+    `uses_replica_state` is true (0 otherwise).
     """
 
     index: int
@@ -37,6 +39,7 @@ class ReplicaLoad:
     queued_prompt_tokens: int = 0
     kv_usage: float = 0.0
     cached_blocks: int = 0
+    indexed_blocks: int = 0
 
 
 class Router(ABC):
@@ -47,7 +50,7 @@ class Router(ABC):
     between calls (a cursor, a seeded generator) but must not touch the requests or replicas.
     Routers are built with the keyword arguments of `cluster.router_args`, and the same object
     type routes in the live `ClusterEngine` and in the simulator. A router that reads
-    `queued_prompt_tokens`, `kv_usage` or `cached_blocks` sets `uses_replica_state = True`
+    `queued_prompt_tokens`, `kv_usage`, `cached_blocks` or `indexed_blocks` sets `uses_replica_state = True`
     (the replicas then report their state after every step and the prefix index is kept).
     """
 

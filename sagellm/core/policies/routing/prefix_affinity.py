@@ -19,8 +19,9 @@ class PrefixAffinityRouter(Router):
     `balance_rel_threshold` times the least loaded's; then the least loaded replica takes the
     request. Otherwise the replica with the most of the request's leading blocks cached wins (fewest
     outstanding, then lowest index, among equals) if that covers more than `cache_threshold` of the
-    prompt's full blocks; below that the least loaded replica takes it (SGLang picks the replica
-    whose cache holds the least, to spread the cache; here load decides). Defaults are those of
+    prompt's full blocks; below that (a new conversation, a prompt shorter than a block) the replica
+    whose cache the router's index sees as smallest takes it (`indexed_blocks`; then fewest
+    outstanding, lowest index), which spreads new prefixes over the caches. Defaults are those of
     SGLang's router (0.3, 64, 1.5). No state of its own.
     """
 
@@ -44,10 +45,10 @@ class PrefixAffinityRouter(Router):
         return most - least > self.balance_abs_threshold and most > least * self.balance_rel_threshold
 
     def route(self, request: RouteRequest, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        least = least_loaded(replicas)
-        if self.out_of_balance(replicas) or not request.num_prompt_blocks:
-            return least.index
-        best = min(replicas, key=lambda r: (-r.cached_blocks, r.outstanding, r.index))
-        if best.cached_blocks / request.num_prompt_blocks > self.cache_threshold:
-            return best.index
-        return least.index
+        if self.out_of_balance(replicas):
+            return least_loaded(replicas).index
+        if request.num_prompt_blocks:
+            best = min(replicas, key=lambda r: (-r.cached_blocks, r.outstanding, r.index))
+            if best.cached_blocks / request.num_prompt_blocks > self.cache_threshold:
+                return best.index
+        return min(replicas, key=lambda r: (r.indexed_blocks, r.outstanding, r.index)).index

@@ -117,8 +117,11 @@ class ClusterView:
         if not self.uses_state:
             return ReplicaLoad(index, outstanding)
         state = self.states[index]
-        cached = self.indexes[index].leading_hits(hashes) if self.indexes is not None else 0
-        return ReplicaLoad(index, outstanding, state.queued_prompt_tokens, state.kv_usage, cached)
+        if self.indexes is None:
+            return ReplicaLoad(index, outstanding, state.queued_prompt_tokens, state.kv_usage)
+        held = self.indexes[index]
+        return ReplicaLoad(index, outstanding, state.queued_prompt_tokens, state.kv_usage,
+                           held.leading_hits(hashes), len(held))
 
     def _hashes(self, request: RouteRequest, prompt_token_ids: Sequence[int]) -> list[int]:
         ids = prompt_token_ids
