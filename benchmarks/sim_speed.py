@@ -86,30 +86,33 @@ def every_policy(num_requests: int) -> None:
 _PACKAGES = ("sagellm", "simulator", "sim_speed")
 
 
+def _loaded() -> dict:
+    """The loaded modules of this project's packages (and of this benchmark)."""
+    return {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+
+
 def _modules_of(root: Path) -> tuple[dict, object]:
     """Import the simulator and this benchmark's `config` from the checkout at `root` as fresh
     module objects: (those modules, its `config` function). `sys.modules` is left as it was."""
     import importlib
 
-    mine = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+    mine = _loaded()
     for k in mine:
         del sys.modules[k]
     sys.path[:0] = [str(root), str(root / "benchmarks")]
     try:
         bench = importlib.import_module("sim_speed")
         importlib.import_module("simulator.sim")
-        theirs = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+        theirs = _loaded()
     finally:
         del sys.path[:2]
-        for k in [k for k in sys.modules if k.split(".")[0] in _PACKAGES]:
-            del sys.modules[k]
-        sys.modules.update(mine)
+        _activate(mine)
     return theirs, bench.config
 
 
 def _activate(modules: dict) -> None:
     """Make `modules` the ones imports resolve to (a run imports some modules lazily)."""
-    for k in [k for k in sys.modules if k.split(".")[0] in _PACKAGES]:
+    for k in _loaded():
         del sys.modules[k]
     sys.modules.update(modules)
 
@@ -119,7 +122,7 @@ def against(other: Path, num_requests: int, pairs: int) -> None:
     import gc
 
     sides = [_modules_of(ROOT), _modules_of(other.resolve())]
-    mine_now = {k: m for k, m in sys.modules.items() if k.split(".")[0] in _PACKAGES}
+    mine_now = _loaded()
     ratios = []
     for p in range(pairs):
         rates = [0.0, 0.0]

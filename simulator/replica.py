@@ -127,8 +127,7 @@ class Replica:
                         collector.add(req, self.index)
                     else:
                         self.on_finish(req, now - result.duration, result.duration)
-                if now >= collector.next_kv_sample:
-                    collector.sample_kv(now, kv.usage, len(scheduler.running), len(scheduler.waiting))
+                collector.sample_kv(now, kv.usage, len(scheduler.running), len(scheduler.waiting))
                 if self.on_state is not None:
                     self.on_state(self.index, replica_state(scheduler))
                 if not scheduler.requests or now >= horizon:

@@ -30,13 +30,17 @@ def cpu_model_name() -> str:
 def cpu_vector_isa(lines: list[str] | None = None) -> str:
     """The widest vector instruction set the CPU's flags list ("avx512", "avx2", "avx", "sve",
     "neon"), or "" when /proc/cpuinfo lists none of them (or there is no /proc/cpuinfo)."""
-    flags: set[str] = set()
-    for line in _cpuinfo_lines() if lines is None else lines:
+    flags = _cpu_flags(_cpuinfo_lines() if lines is None else lines) or set()
+    return next((isa for isa, flag in _VECTOR_ISAS if flag in flags), "")
+
+
+def _cpu_flags(lines: list[str]) -> set[str] | None:
+    """The first "flags" (x86) or "Features" (arm64) line's flags; None when there is none."""
+    for line in lines:
         key = line.split(":", 1)[0].strip()
         if key in ("flags", "Features") and ":" in line:
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return next((isa for isa, flag in _VECTOR_ISAS if flag in flags), "")
+            return set(line.split(":", 1)[1].split())
+    return None
 
 
 # Flags whose presence changes which kernels the math libraries run (and so a step's speed).
@@ -51,8 +55,9 @@ def cpu_identity(lines: list[str] | None = None) -> dict[str, str | list[str]]:
     """The first CPU's vendor, family, model and stepping as /proc/cpuinfo gives them (x86:
     vendor_id, cpu family, model, stepping; arm64: CPU implementer, part, variant), and which of
     `MATTERING_FLAGS` it lists (`flags`). Fields it does not list are left out."""
+    lines = _cpuinfo_lines() if lines is None else lines
     ident: dict[str, str | list[str]] = {}
-    for line in _cpuinfo_lines() if lines is None else lines:
+    for line in lines:
         if ":" not in line:
             if ident:
                 break  # the end of the first processor's block
@@ -61,7 +66,7 @@ def cpu_identity(lines: list[str] | None = None) -> dict[str, str | list[str]]:
         for source, name in _ID_FIELDS:
             if key == source and name not in ident:
                 ident[name] = value
-        if key in ("flags", "Features") and "flags" not in ident:
-            present = set(value.split())
-            ident["flags"] = [f for f in MATTERING_FLAGS if f in present]
+    present = _cpu_flags(lines)
+    if present is not None:
+        ident["flags"] = [f for f in MATTERING_FLAGS if f in present]
     return ident

@@ -111,8 +111,7 @@ class MetricsCollector:
         self._pending: list[tuple[Request, int]] = []
         self.kv_usage: list[tuple[float, float, int, int]] = []
         self.kv_sample_interval = kv_sample_interval
-        # `sample_kv` keeps a sample at or after this time (callers may test it to skip the call)
-        self.next_kv_sample = float("-inf")
+        self._next_kv_sample = float("-inf")
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -171,6 +170,6 @@ class MetricsCollector:
         self._pending = []
 
     def sample_kv(self, now: float, usage: float, running: int, waiting: int) -> None:
-        if now >= self.next_kv_sample:
+        if now >= self._next_kv_sample:
             self.kv_usage.append((now, usage, running, waiting))
-            self.next_kv_sample = now + self.kv_sample_interval
+            self._next_kv_sample = now + self.kv_sample_interval
